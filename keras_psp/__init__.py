@@ -1,0 +1,8 @@
+"""keras_psp: Parameterized Structured Pruning for Keras 3."""
+
+from keras_psp._version import __version__
+from keras_psp.cloning import strip, wrap
+from keras_psp.structures import STRUCTURES
+from keras_psp.wrapper import PSP, keep_mask
+
+__all__ = ["PSP", "STRUCTURES", "__version__", "keep_mask", "strip", "wrap"]

@@ -1,0 +1,221 @@
+"""Whole-model operations: `wrap` a model in PSP layers, `strip` them off.
+
+Both return a new model built with `keras.models.clone_model` (recursively,
+so nested Sequential and functional models are handled) and copy the weights
+layer by layer; the input model is never modified.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterable, Iterator
+
+import keras
+
+from keras_psp.structures import STRUCTURES, get_handler, supported_layer_types
+from keras_psp.wrapper import PSP
+
+LayerSelector = str | type | Callable | Iterable | None
+
+
+def check_graph_model(model, action: str) -> None:
+    """Raises a clear error unless `model` is a built Sequential/functional model."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"{action} expects a keras.Model, got {type(model).__name__}."
+        )
+    functional = keras.src.models.functional.Functional
+    if not isinstance(model, (keras.Sequential, functional)):
+        raise ValueError(
+            f"Cannot {action.lower()} model '{model.name}': it is a subclassed "
+            f"model ({type(model).__name__}) with no functional graph. Rebuild "
+            "it with the functional API or as a keras.Sequential, or wrap its "
+            "layers one by one with keras_psp.PSP inside the model's code."
+        )
+    if not model.built or not model.inputs:
+        raise ValueError(
+            f"Cannot {action.lower()} model '{model.name}': it has no defined "
+            "inputs yet. Give it an Input (or call `model.build(input_shape)`) "
+            "first."
+        )
+
+
+def iter_layers(model) -> Iterator[keras.layers.Layer]:
+    """All layers of `model`, descending into nested models (not wrappers)."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from iter_layers(layer)
+        else:
+            yield layer
+
+
+def psp_layers(model) -> list[PSP]:
+    """The PSP layers of `model`, nested models included."""
+    return [layer for layer in iter_layers(model) if isinstance(layer, PSP)]
+
+
+def _fresh(layer):
+    return layer.__class__.from_config(layer.get_config())
+
+
+def _copy_weights(source, target, copy: Callable) -> None:
+    """Pairs the layers of two models of the same graph by name and copies."""
+    targets = {layer.name: layer for layer in target.layers}
+    for layer in source.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue  # no weights; clone_model may rename inputs
+        twin = targets[layer.name]
+        if isinstance(layer, keras.Model):
+            _copy_weights(layer, twin, copy)
+        else:
+            copy(layer, twin)
+
+
+def _selector(layers: LayerSelector, model) -> tuple[Callable, bool]:
+    """Returns (predicate, explicit): explicit selections must all be wrappable."""
+    if layers is None:
+        return (lambda layer: True), False
+    if callable(layers) and not isinstance(layers, type):
+        return layers, False
+    items = [layers] if isinstance(layers, (str, type)) else list(layers)
+    names = {x for x in items if isinstance(x, str)}
+    types = tuple(x for x in items if isinstance(x, type))
+    if len(names) + len(types) != len(items):
+        raise TypeError(
+            "`layers` must be layer names, layer classes, a predicate or None; "
+            f"got {layers!r}."
+        )
+    unknown = names - {layer.name for layer in iter_layers(model)}
+    if unknown:
+        raise ValueError(
+            f"`layers` names {sorted(unknown)} that are not in model "
+            f"'{model.name}'. Check the names with `model.summary()`."
+        )
+    for cls in types:
+        if cls not in supported_layer_types():
+            raise TypeError(
+                f"`layers` selects type {cls.__name__}, which PSP cannot wrap."
+            )
+    return (lambda layer: layer.name in names or type(layer) in types), True
+
+
+def wrap(
+    model: keras.Model,
+    structure: str = "channel",
+    layers: LayerSelector = None,
+    **psp_kwargs,
+) -> keras.Model:
+    """Returns a copy of `model` with its supported layers wrapped in `PSP`.
+
+    Weights are copied and every α starts at 1, so the new model predicts
+    exactly what `model` predicts. `model` itself is not modified. Layers that
+    are already `PSP` wrappers are copied as they are.
+
+    Args:
+        model: A built Sequential or functional model (nested models are
+            handled).
+        structure: The structure of every new wrapper (see `PSP`).
+        layers: Which layers to wrap: None (every supported layer the
+            structure fits), a layer name or class, a list of names and/or
+            classes (each must be wrappable), or a predicate
+            `fn(layer) -> bool` (unsupported matches are skipped).
+        **psp_kwargs: Passed on to `PSP` (`threshold`, `regularizer`,
+            `strength`).
+
+    Example:
+
+    ```python
+    base = keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3))
+    model = keras_psp.wrap(base, structure="channel", strength=2e-2)
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+    ```
+    """
+    check_graph_model(model, "wrap")
+    if structure not in STRUCTURES:
+        raise ValueError(
+            f"Unknown structure {structure!r}. Choose one of "
+            f"{', '.join(map(repr, STRUCTURES))}."
+        )
+    wanted, explicit = _selector(layers, model)
+    skipped = []
+
+    def clone(layer):
+        if isinstance(layer, PSP):
+            if explicit and wanted(layer):
+                raise ValueError(
+                    f"Layer '{layer.name}' is already wrapped in PSP; leave it "
+                    "out of `layers`."
+                )
+            return _fresh(layer)
+        if not wanted(layer):
+            return _fresh(layer)
+        handler = get_handler(layer)
+        if handler is None or structure not in handler.structures:
+            if explicit:
+                PSP(_fresh(layer), structure=structure, **psp_kwargs)  # raises
+            if handler is not None:
+                skipped.append(layer.name)
+            return _fresh(layer)
+        return PSP(_fresh(layer), structure=structure, **psp_kwargs)
+
+    new_model = keras.models.clone_model(model, clone_function=clone, recursive=True)
+
+    def copy(src, dst):
+        if isinstance(dst, PSP) and not isinstance(src, PSP):
+            dst.layer.set_weights(src.get_weights())
+        else:
+            dst.set_weights(src.get_weights())
+
+    _copy_weights(model, new_model, copy)
+    if skipped:
+        warnings.warn(
+            f"wrap: structure {structure!r} does not fit {len(skipped)} "
+            f"layer(s), left unwrapped: {', '.join(skipped)}.",
+            stacklevel=2,
+        )
+    if not psp_layers(new_model):
+        warnings.warn(
+            f"wrap: no layer of model '{model.name}' was wrapped.", stacklevel=2
+        )
+    return new_model
+
+
+def strip(model: keras.Model) -> keras.Model:
+    """Returns `model` rebuilt from plain Keras layers, with α folded in.
+
+    Each `PSP` wrapper becomes its plain layer with kernel `kernel * α`, cut
+    structures set exactly to zero; every other layer is copied. The result
+    computes what `model` computes in inference mode and saves and loads
+    without keras_psp. `model` is not modified.
+
+    Args:
+        model: A built Sequential or functional model containing PSP layers.
+
+    Raises:
+        ValueError: if an α is not finite (naming the layer).
+
+    Example:
+
+    ```python
+    plain = keras_psp.strip(wrapped)
+    plain.save("pruned_dense.keras")
+    ```
+    """
+    check_graph_model(model, "strip")
+    for layer in psp_layers(model):
+        layer.check_finite("strip the model")
+
+    def clone(layer):
+        if not isinstance(layer, PSP):
+            return _fresh(layer)
+        config = layer.layer.get_config()
+        config["name"] = layer.name  # keep the graph's name for weight pairing
+        return layer.layer.__class__.from_config(config)
+
+    new_model = keras.models.clone_model(model, clone_function=clone, recursive=True)
+
+    def copy(src, dst):
+        dst.set_weights(src.folded_weights() if isinstance(src, PSP) else src.get_weights())
+
+    _copy_weights(model, new_model, copy)
+    return new_model

@@ -1,0 +1,234 @@
+"""The `PSP` layer wrapper: one trainable scale α per weight structure."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import keras
+from keras import ops
+
+from keras_psp.structures import STRUCTURES, get_handler, supported_layer_types
+
+#: Default L2 strength on α, measured on Fashion-MNIST (see README, "Defaults").
+DEFAULT_STRENGTH = 2e-2
+#: Default pruning threshold, relative to the layer's largest |α|.
+DEFAULT_THRESHOLD = 1e-2
+
+
+def keep_mask(alpha, threshold: float, structure: str):
+    """The pruning rule, in `keras.ops`: True where a structure is kept.
+
+    A structure is cut when its |α| is zero or smaller than `threshold` times
+    the largest |α| of the same layer. The rule only looks at the *direction*
+    of the α vector, not its length, because a BatchNormalization after the
+    layer cancels a uniform rescaling of α (and weight decay then shrinks the
+    whole vector freely): with or without BN the same α pattern cuts the same
+    structures. A layer-wise α (`structure="layer"`) has nothing to compare
+    with, so it is cut when |α| falls below `threshold` times its initial
+    value 1.
+
+    Args:
+        alpha: α values (any shape).
+        threshold: Relative threshold in (0, 1).
+        structure: The structure name.
+    """
+    magnitude = ops.abs(ops.cast(alpha, "float32"))
+    if structure == "layer":
+        reference = ops.ones_like(ops.max(magnitude))
+    else:
+        reference = ops.max(magnitude)
+    return ops.logical_and(magnitude > 0, magnitude >= threshold * reference)
+
+
+def _regularizer(regularizer, strength):
+    if regularizer in ("l2", "l1"):
+        strength = DEFAULT_STRENGTH if strength is None else float(strength)
+        if strength < 0:
+            raise ValueError(f"`strength` must be >= 0, got {strength}.")
+        cls = keras.regularizers.L2 if regularizer == "l2" else keras.regularizers.L1
+        return cls(strength)
+    if strength is not None:
+        raise ValueError(
+            "`strength` only applies to regularizer='l2' or 'l1'; got "
+            f"regularizer={regularizer!r} and strength={strength}. Put the "
+            "strength into the regularizer object instead."
+        )
+    return keras.regularizers.get(regularizer)
+
+
+@keras.saving.register_keras_serializable(package="keras_psp")
+class PSP(keras.layers.Wrapper):
+    """Parameterized structured pruning of one Keras layer.
+
+    Every structure of the wrapped layer's kernel (input channel, output
+    filter, column, kernel position or the whole layer) gets one trainable
+    scale α, initialised to 1 so that the wrapped layer first computes exactly
+    what the plain layer computed. The effective kernel is `kernel * α`; α
+    carries a weight-decay regularizer, so training drives the α of
+    unimportant structures towards zero. Structures whose α falls below the
+    threshold (see `keep_mask`) are zero in the forward pass, so training sees
+    the pruned network.
+
+    α is always a float32 variable, also under mixed precision policies.
+
+    Args:
+        layer: The layer to wrap: `Conv1D/2D/3D`, `Conv1D/2D/3DTranspose`,
+            `DepthwiseConv1D/2D`, `SeparableConv1D/2D` or `Dense`.
+        structure: `"channel"`, `"filter"`, `"column"`, `"shape"` or `"layer"`.
+        threshold: Relative pruning threshold (see `keep_mask`).
+        regularizer: `"l2"` (weight decay, the method's default), `"l1"`, any
+            Keras regularizer (object, name or config), or None.
+        strength: Strength of the `"l2"`/`"l1"` regularizer on α. Defaults to
+            `DEFAULT_STRENGTH`.
+        **kwargs: Base layer arguments (`name`, `dtype`...). The name defaults
+            to the wrapped layer's name.
+
+    Example:
+
+    ```python
+    conv = keras_psp.PSP(keras.layers.Conv2D(32, 3), structure="channel")
+    y = conv(np.ones((1, 8, 8, 16)))
+    conv.alpha.shape   # (16,): one α per input channel
+    conv.mask()        # array of 16 True
+    ```
+    """
+
+    def __init__(
+        self,
+        layer: keras.layers.Layer,
+        structure: str = "channel",
+        threshold: float = DEFAULT_THRESHOLD,
+        regularizer="l2",
+        strength: float | None = None,
+        **kwargs,
+    ):
+        name = getattr(layer, "name", repr(layer))
+        if isinstance(layer, PSP):
+            raise ValueError(
+                f"Layer '{name}' is already wrapped in PSP; wrap the plain layer "
+                "once, or use `layer.layer` to reach the wrapped layer."
+            )
+        self._handler = get_handler(layer)
+        if self._handler is None:
+            names = ", ".join(sorted(t.__name__ for t in supported_layer_types()))
+            raise TypeError(
+                f"PSP cannot wrap layer '{name}' of type {type(layer).__name__}. "
+                f"Supported layer types: {names}. Leave this layer unwrapped, or "
+                "register a handler with keras_psp.structures.register_handler."
+            )
+        if structure not in STRUCTURES:
+            raise ValueError(
+                f"Unknown structure {structure!r} for layer '{name}'. Choose one "
+                f"of {', '.join(map(repr, STRUCTURES))}."
+            )
+        if structure not in self._handler.structures:
+            raise ValueError(
+                f"Structure {structure!r} does not fit layer '{name}' "
+                f"({type(layer).__name__}): {self._handler.missing[structure]}."
+            )
+        if getattr(layer, "lora_enabled", False) or getattr(
+            layer, "quantization_mode", None
+        ):
+            raise ValueError(
+                f"Layer '{name}' uses LoRA or quantization, which PSP does not "
+                "support. Wrap the layer before enabling LoRA or quantizing."
+            )
+        if not 0.0 < float(threshold) < 1.0:
+            raise ValueError(
+                f"`threshold` must be in (0, 1), got {threshold} for layer '{name}'."
+            )
+        kwargs.setdefault("name", layer.name)
+        kwargs.setdefault("dtype", layer.dtype_policy)
+        super().__init__(layer, **kwargs)
+        self.structure = structure
+        self.threshold = float(threshold)
+        self.alpha_regularizer = _regularizer(regularizer, strength)
+        self.plan = None
+
+    def build(self, input_shape=None):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        self.plan = self._handler.plan(self.layer, self.structure)
+        self.alpha = self.add_weight(
+            name="alpha",
+            shape=self.plan.shape,
+            initializer="ones",
+            regularizer=self.alpha_regularizer,
+            dtype="float32",
+            autocast=False,
+        )
+        self.built = True
+
+    def effective_alpha(self):
+        """α with cut structures set to zero (a float32 tensor)."""
+        alpha = ops.convert_to_tensor(self.alpha)
+        keep = keep_mask(alpha, self.threshold, self.structure)
+        return alpha * ops.cast(keep, alpha.dtype)
+
+    def effective_kernels(self, dtype=None) -> dict:
+        """The wrapped layer's kernels with α folded in, by attribute name."""
+        dtype = dtype or self.compute_dtype
+        kernels = {
+            name: ops.cast(getattr(self.layer, name), dtype)
+            for name in self._handler.kernels
+        }
+        scale = ops.cast(self.plan.expand(self.effective_alpha()), dtype)
+        kernels[self.plan.kernel] = kernels[self.plan.kernel] * scale
+        return kernels
+
+    def call(self, inputs):
+        kernels = self.effective_kernels(self.compute_dtype)
+        outputs = self._handler.forward(self.layer, inputs, kernels)
+        return self._handler.finish(self.layer, outputs)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def mask(self) -> np.ndarray:
+        """Numpy bool array of α's shape, True where a structure is kept."""
+        keep = keep_mask(self.alpha, self.threshold, self.structure)
+        return np.asarray(ops.convert_to_numpy(keep), dtype=bool)
+
+    def check_finite(self, action: str) -> None:
+        """Raises ValueError naming this layer if α is not finite."""
+        alpha = ops.convert_to_numpy(self.alpha)
+        if not np.all(np.isfinite(alpha)):
+            bad = int(np.size(alpha) - np.isfinite(alpha).sum())
+            raise ValueError(
+                f"Cannot {action}: PSP layer '{self.name}' has {bad} non-finite "
+                "α value(s); training has diverged. Restore an earlier "
+                "checkpoint and train with a lower learning rate or α strength."
+            )
+
+    def folded_weights(self) -> list[np.ndarray]:
+        """The wrapped layer's weights with α folded into the kernel.
+
+        The list matches `self.layer.get_weights()`, so a plain copy of the
+        layer takes it with `set_weights`. Cut structures are exactly zero.
+        """
+        self.check_finite("fold α into the kernel")
+        folded = self.effective_kernels("float32")
+        by_id = {id(getattr(self.layer, n)): n for n in self._handler.kernels}
+        out = []
+        for variable in self.layer.weights:
+            name = by_id.get(id(variable))
+            value = folded[name] if name else variable
+            out.append(np.asarray(ops.convert_to_numpy(value)))
+        return out
+
+    def save_own_variables(self, store):
+        self.check_finite("save the model")
+        super().save_own_variables(store)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "structure": self.structure,
+                "threshold": self.threshold,
+                "regularizer": keras.regularizers.serialize(self.alpha_regularizer)
+                if self.alpha_regularizer is not None
+                else None,
+            }
+        )
+        return config
