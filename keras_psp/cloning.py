@@ -8,7 +8,7 @@ layer by layer; the input model is never modified.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import keras
 

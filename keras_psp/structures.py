@@ -19,7 +19,7 @@ writing one handler and registering it with `register_handler`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 from keras import ops

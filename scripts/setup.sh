@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what keras_psp's main job and tests need. Safe to run again.
+#   bash scripts/setup.sh          # package + deployment extras
+#   bash scripts/setup.sh test     # ... + test extras (pytest, JAX, ...)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+
+# Fashion-MNIST, offline, from Debian's package (elsewhere keras downloads it).
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
+   && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "[setup] installing Debian's dataset-fashion-mnist"
+  apt-get update -qq >/dev/null && \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+    || echo "[setup] could not install dataset-fashion-mnist; keras will try to download it"
+fi
+
+extras="deploy"
+if [ "${1:-}" = "test" ]; then extras="deploy,test"; fi
+echo "[setup] pip install -e .[$extras]"
+"$PYTHON" -m pip install -q --disable-pip-version-check -e ".[$extras]" 2>&1 \
+  | grep -v "Running pip as the 'root' user" || true
+"$PYTHON" -c "import keras_psp" >/dev/null 2>&1 || { echo "[setup] install failed"; exit 1; }

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test suite: set up, then every test on TensorFlow and the
+# backend-independent subset again on JAX.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh test
+PYTHON="${PYTHON:-python3}"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+echo "== tests, TensorFlow backend"
+KERAS_BACKEND=tensorflow "$PYTHON" -m pytest -q "$@"
+echo "== tests, JAX backend (backend-independent subset)"
+KERAS_BACKEND=jax "$PYTHON" -m pytest -q -m "not tensorflow_only" \
+  tests/test_structures.py tests/test_wrapper.py tests/test_saving.py tests/test_cloning.py "$@"

@@ -1,0 +1,49 @@
+"""Small models and cases shared by the tests."""
+
+import keras
+import numpy as np
+from keras import layers as L
+
+# (factory, input shape without batch): one case per supported layer family.
+LAYER_CASES = {
+    "conv1d_causal": (lambda: L.Conv1D(6, 3, padding="causal", activation="relu"), (9, 4)),
+    "conv2d": (lambda: L.Conv2D(6, 3, padding="same", activation="relu"), (7, 7, 4)),
+    "conv2d_grouped": (lambda: L.Conv2D(6, 3, groups=2), (7, 7, 4)),
+    "conv3d": (lambda: L.Conv3D(5, 2), (4, 4, 4, 3)),
+    "conv2d_transpose": (lambda: L.Conv2DTranspose(6, 3, strides=2), (5, 5, 4)),
+    "depthwise2d": (lambda: L.DepthwiseConv2D(3, depth_multiplier=2), (7, 7, 4)),
+    "depthwise1d": (lambda: L.DepthwiseConv1D(3), (9, 4)),
+    "separable2d": (lambda: L.SeparableConv2D(6, 3, depth_multiplier=2), (7, 7, 4)),
+    "separable1d": (lambda: L.SeparableConv1D(6, 3), (9, 4)),
+    "dense_rank4": (lambda: L.Dense(6, activation="tanh"), (3, 5, 4)),
+}
+
+
+def built_pair(factory, shape, rng):
+    """A plain layer and an identical copy, both built, with random bias."""
+    plain = factory()
+    plain.build((None,) + shape)
+    weights = [rng.normal(size=w.shape).astype("float32") for w in plain.weights]
+    plain.set_weights(weights)
+    twin = plain.__class__.from_config(plain.get_config())
+    twin.build((None,) + shape)
+    twin.set_weights(weights)
+    return plain, twin
+
+
+def small_cnn(input_shape=(8, 8, 1), batchnorm=True, num_classes=10, name="cnn"):
+    """conv → (BN) → relu → conv → (BN) → relu → GAP → dense."""
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for i, width in enumerate((8, 16)):
+        x = L.Conv2D(width, 3, padding="same", use_bias=not batchnorm, name=f"conv{i}")(x)
+        if batchnorm:
+            x = L.BatchNormalization(name=f"bn{i}")(x)
+        x = L.ReLU()(x)
+    x = L.GlobalAveragePooling2D()(x)
+    outputs = L.Dense(num_classes, activation="softmax", name="head")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def to_numpy(x):
+    return np.asarray(keras.ops.convert_to_numpy(x))

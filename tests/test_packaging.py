@@ -1,0 +1,64 @@
+"""The console entry point, the datasets and the plain-Keras output."""
+
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+import keras_psp
+from keras_psp import datasets
+
+
+def test_console_entry_point_help_and_version():
+    version = subprocess.run(["keras-psp", "--version"], capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0
+    assert version.stdout.strip() == f"keras-psp {keras_psp.__version__}"
+    helped = subprocess.run(["keras-psp", "--help"], capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0 and "usage: keras-psp" in helped.stdout
+
+
+def test_load_digits_is_real_and_split():
+    (x, y), (xt, yt) = datasets.load_digits()
+    assert x.shape[1:] == (8, 8, 1) and len(x) + len(xt) == 1797
+    assert x.dtype == np.float32 and 0.0 <= x.min() and x.max() <= 1.0
+    assert set(np.unique(y)) == set(range(10))
+
+
+def test_fashion_mnist_missing_gives_an_instruction(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+
+    def offline():
+        raise OSError("no network")
+
+    monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", offline)
+    with pytest.raises(RuntimeError, match="apt-get install dataset-fashion-mnist"):
+        datasets.load_fashion_mnist(source=str(tmp_path / "absent"))
+
+
+def test_stripped_model_loads_without_keras_psp(tmp_path):
+    from helpers import small_cnn
+
+    wrapped = keras_psp.wrap(small_cnn())
+    wrapped.get_layer("conv1").alpha.assign(np.linspace(0, 1, 16).astype("float32"))
+    plain = keras_psp.strip(wrapped)
+    path = tmp_path / "plain.keras"
+    plain.save(path)
+    x = np.random.default_rng(0).random((4, 8, 8, 1)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", keras.ops.convert_to_numpy(wrapped(x)))
+    script = textwrap.dedent(
+        f"""
+        import sys, numpy as np, keras
+        model = keras.saving.load_model({str(path)!r})
+        y = model.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0)
+        np.testing.assert_allclose(y, np.load({str(tmp_path / 'y.npy')!r}), rtol=1e-5, atol=1e-6)
+        assert "keras_psp" not in sys.modules
+        print("PLAIN-OK")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "PLAIN-OK" in result.stdout
