@@ -26,7 +26,7 @@ from keras_psp.models import cifar_resnet
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate")
     p.add_argument("--structure", default="channel", choices=keras_psp.STRUCTURES)
@@ -35,6 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, default=keras_psp.wrapper.DEFAULT_THRESHOLD)
     p.add_argument("--depth", type=int, default=8, help="ResNet depth, 6n+2")
     p.add_argument("--widths", default="16,32,64", help="filters of the 3 stages")
+    p.add_argument("--stem-stride", type=int, default=2, help="stride of the first conv")
     p.add_argument("--train-limit", type=int, default=None,
                    help="use only the first N training images (quick runs)")
     p.add_argument("--seed", type=int, default=0)
@@ -66,7 +67,9 @@ def main(argv=None) -> dict:
     if args.train_limit:
         x_train, y_train = x_train[: args.train_limit], y_train[: args.train_limit]
     widths = tuple(int(w) for w in args.widths.split(","))
-    base = cifar_resnet(args.depth, widths, input_shape=(28, 28, 1), name="resnet")
+    base = cifar_resnet(
+        args.depth, widths, input_shape=(28, 28, 1), stem_stride=args.stem_stride, name="resnet"
+    )
     model = keras_psp.wrap(
         base, structure=args.structure, strength=args.strength, threshold=args.threshold
     )

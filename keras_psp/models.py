@@ -7,6 +7,8 @@ from keras import layers
 
 
 def _conv_bn(x, filters, stride, weight_decay, name, relu=True, kernel_size=3):
+    # BN momentum 0.9 (PyTorch's 0.1): the moving statistics keep up with weights
+    # that move fast early in training, and with α shrinking under weight decay.
     x = layers.Conv2D(
         filters,
         kernel_size,
@@ -17,7 +19,7 @@ def _conv_bn(x, filters, stride, weight_decay, name, relu=True, kernel_size=3):
         kernel_regularizer=keras.regularizers.L2(weight_decay) if weight_decay else None,
         name=f"{name}_conv",
     )(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
     if relu:
         x = layers.ReLU(name=f"{name}_relu")(x)
     return x
@@ -29,6 +31,7 @@ def cifar_resnet(
     input_shape: tuple[int, int, int] = (32, 32, 3),
     num_classes: int = 10,
     weight_decay: float = 5e-4,
+    stem_stride: int = 1,
     name: str | None = None,
 ) -> keras.Model:
     """The CIFAR ResNet of He et al. (2016): `depth = 6n + 2`, basic blocks.
@@ -42,6 +45,8 @@ def cifar_resnet(
         input_shape: Image shape, channels last.
         num_classes: Size of the softmax output.
         weight_decay: L2 strength on the kernels (0 for none).
+        stem_stride: Stride of the first convolution (2 halves the cost of
+            every layer after it).
         name: Model name; defaults to `resnet{depth}`.
 
     Example:
@@ -54,7 +59,7 @@ def cifar_resnet(
         raise ValueError(f"depth must be 6n + 2 (8, 20, 56...), got {depth}.")
     blocks = (depth - 2) // 6
     inputs = keras.Input(input_shape, name="image")
-    x = _conv_bn(inputs, widths[0], 1, weight_decay, "stem")
+    x = _conv_bn(inputs, widths[0], stem_stride, weight_decay, "stem")
     for stage, width in enumerate(widths):
         for block in range(blocks):
             stride = 2 if stage > 0 and block == 0 else 1

@@ -31,14 +31,14 @@ def built_pair(factory, shape, rng):
     return plain, twin
 
 
-def small_cnn(input_shape=(8, 8, 1), batchnorm=True, num_classes=10, name="cnn"):
+def small_cnn(input_shape=(8, 8, 1), batchnorm=True, num_classes=10, name="cnn", bn_epsilon=1e-3):
     """conv → (BN) → relu → conv → (BN) → relu → GAP → dense."""
     inputs = keras.Input(input_shape)
     x = inputs
     for i, width in enumerate((8, 16)):
         x = L.Conv2D(width, 3, padding="same", use_bias=not batchnorm, name=f"conv{i}")(x)
         if batchnorm:
-            x = L.BatchNormalization(name=f"bn{i}")(x)
+            x = L.BatchNormalization(epsilon=bn_epsilon, name=f"bn{i}")(x)
         x = L.ReLU()(x)
     x = L.GlobalAveragePooling2D()(x)
     outputs = L.Dense(num_classes, activation="softmax", name="head")(x)

@@ -128,11 +128,11 @@ def test_wrap_skips_layers_the_structure_does_not_fit_with_a_warning():
 
 def test_wrap_keeps_existing_wrappers_and_their_alpha(rng):
     once = wrap(small_cnn(), layers="conv1")
-    once.get_layer("conv1").alpha.assign(np.linspace(0.1, 1, 16).astype("float32"))
+    once.get_layer("conv1").alpha.assign(np.linspace(0.1, 1, 8).astype("float32"))
     twice = wrap(once, layers="conv0")
     assert [p.name for p in psp_layers(twice)] == ["conv0", "conv1"]
     np.testing.assert_array_equal(
-        to_numpy(twice.get_layer("conv1").alpha), np.linspace(0.1, 1, 16).astype("float32")
+        to_numpy(twice.get_layer("conv1").alpha), np.linspace(0.1, 1, 8).astype("float32")
     )
     x = rng.normal(size=(2, 8, 8, 1)).astype("float32")
     np.testing.assert_allclose(to_numpy(twice(x)), to_numpy(once(x)), atol=1e-6)

@@ -42,7 +42,7 @@ def test_stripped_model_loads_without_keras_psp(tmp_path):
     from helpers import small_cnn
 
     wrapped = keras_psp.wrap(small_cnn())
-    wrapped.get_layer("conv1").alpha.assign(np.linspace(0, 1, 16).astype("float32"))
+    wrapped.get_layer("conv1").alpha.assign(np.linspace(0, 1, 8).astype("float32"))
     plain = keras_psp.strip(wrapped)
     path = tmp_path / "plain.keras"
     plain.save(path)

@@ -32,21 +32,23 @@ def test_layer_structure_threshold_is_relative_to_the_initial_alpha():
 @pytest.mark.parametrize("batchnorm", [True, False], ids=["with_bn", "without_bn"])
 def test_threshold_means_the_same_with_and_without_batchnorm(batchnorm, rng):
     """A uniform shrink of α (which weight decay causes freely when BN follows)
-    cuts nothing more; with BN it does not change the output either."""
-    model = wrap(small_cnn(batchnorm=batchnorm), layers=["conv1"])
+    cuts nothing more, though every |α| falls below an absolute 1e-2; with BN
+    (tiny epsilon, so that BN's cancellation is exact) the output is unchanged."""
+    model = wrap(small_cnn(batchnorm=batchnorm, bn_epsilon=1e-9), layers=["conv1"])
     layer = model.get_layer("conv1")
-    pattern = rng.uniform(0.2, 1.0, size=layer.alpha.shape).astype("float32")
+    pattern = rng.uniform(0.2, 0.9, size=layer.alpha.shape).astype("float32")
     pattern[:3] = [0.001, 0.004, 0.0]  # three clearly unimportant channels
     x = rng.normal(size=(16, 8, 8, 1)).astype("float32")
     layer.alpha.assign(pattern)
     mask = layer.mask()
+    assert mask.sum() == len(pattern) - 3 and not mask[:3].any()
     y = to_numpy(model(x, training=True))
-    layer.alpha.assign(pattern * 1e-3)  # every |α| now below an absolute 1e-2
+    layer.alpha.assign(pattern * 1e-2)
+    assert np.abs(to_numpy(layer.alpha)).max() < 1e-2
     np.testing.assert_array_equal(layer.mask(), mask)
-    assert mask.sum() == len(pattern) - 3
     y_small = to_numpy(model(x, training=True))
     if batchnorm:
-        np.testing.assert_allclose(y_small, y, atol=2e-4)
+        np.testing.assert_allclose(y_small, y, rtol=1e-3, atol=1e-5)
     else:
         assert not np.allclose(y_small, y, atol=1e-3)
 
@@ -127,7 +129,7 @@ def test_alpha_stays_float32_under_mixed_precision(name, compute, policy, digits
     assert layer.alpha.dtype == "float32"
     assert not np.allclose(to_numpy(layer.alpha), before)
     assert np.all(np.isfinite(to_numpy(layer.alpha)))
-    assert str(model(x[:2]).dtype).endswith("float32")  # softmax head in float32
+    assert keras.backend.standardize_dtype(model(x[:2]).dtype) == compute
 
 
 # -- config and errors ---------------------------------------------------------
@@ -140,7 +142,7 @@ def test_get_config_round_trip():
     assert clone.get_config() == layer.get_config()
     assert (clone.structure, clone.threshold, clone.name) == ("column", 0.05, "c")
     assert isinstance(clone.alpha_regularizer, keras.regularizers.L1)
-    assert clone.alpha_regularizer.l1 == pytest.approx(0.3)
+    assert float(clone.alpha_regularizer.l1) == pytest.approx(0.3)
 
 
 def test_unsupported_layer_is_refused_with_its_name():
