@@ -31,12 +31,14 @@ SCRIPT = textwrap.dedent(
         model.compile(keras.optimizers.SGD(0.1, momentum=0.9),
                       "sparse_categorical_crossentropy", metrics=["accuracy"])
     alpha = psp_layers(model)[1].alpha
-    assert isinstance(alpha, tf.distribute.DistributedValues) or hasattr(alpha, "values")
+    mirrored = alpha.value  # the backend variable behind keras.Variable
+    assert isinstance(mirrored, tf.distribute.DistributedValues), type(mirrored)
+    assert len(mirrored.values) == 2
     before = np.array(alpha.numpy())
     model.fit(x[:512], y[:512], batch_size=64, epochs=2, verbose=0)
     after = np.array(alpha.numpy())
     assert np.all(np.isfinite(after)) and not np.allclose(after, before)
-    replicas = [np.array(v.numpy()) for v in alpha.values]
+    replicas = [np.array(v.numpy()) for v in mirrored.values]
     np.testing.assert_array_equal(replicas[0], replicas[1])
     plain = strip(model)
     np.testing.assert_allclose(plain.predict(x[:64], verbose=0),
