@@ -72,17 +72,25 @@ def step_times(args) -> list[tuple]:
     return rows, ratios
 
 
-def peak_memory_child(wrapped: bool, depth: int, size: int, steps: int) -> None:
-    """Runs in a fresh process: prints peak RSS growth of a few train steps."""
-    import resource
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
+
+def peak_memory_child(wrapped: bool, depth: int, size: int, steps: int) -> None:
+    """Runs in a fresh process: prints resident memory before and the peak
+    during a few training steps (first-step tracing included), in KiB."""
     model = build(wrapped, False, depth)
     x, y = batch(size)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # resets the high-water mark VmHWM to the current RSS
+    base = _proc_status_kib("VmRSS")
     for _ in range(steps):
         model.train_on_batch(x, y)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"PEAK {base} {peak}")
+    print(f"PEAK {base} {_proc_status_kib('VmHWM')}")
 
 
 def peak_memory(args):
@@ -113,6 +121,7 @@ def main():
     p.add_argument("--rounds", type=int, default=7, help="interleaved samples per model")
     p.add_argument("--memory-rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="ResNet-20, batch 32, few rounds")
+    p.add_argument("--only", choices=["time", "memory"], help="run one half only")
     p.add_argument("--memory-child", choices=["plain", "psp"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
@@ -121,24 +130,27 @@ def main():
         peak_memory_child(args.memory_child == "psp", args.depth, args.batch, 4)
         return
 
-    rows, ratios = step_times(args)
-    print_table(
-        f"Training step, ResNet-{args.depth}, batch {args.batch}, median of {args.rounds} "
-        f"interleaved samples of {args.steps} steps (ms/step)",
-        rows, ("mode", "plain", "psp", "psp/plain"),
-    )
-    memory = peak_memory(args)
-    print_table(
-        f"Peak memory of 4 training steps, median of {args.memory_rounds} fresh processes (MiB)",
-        [(name, f"{total:.0f}", f"{growth:.0f}") for name, (total, growth) in memory.items()],
-        ("model", "peak RSS", "growth during training"),
-    )
-    total_ratio = memory["psp"][0] / memory["plain"][0]
-    growth_ratio = memory["psp"][1] / max(memory["plain"][1], 1e-9)
-    print(
-        f"\nratio psp/plain: step graph {ratios['graph']:.3f}, step xla {ratios['xla']:.3f}, "
-        f"peak memory {total_ratio:.3f} (growth {growth_ratio:.3f})"
-    )
+    summary = []
+    if args.only in (None, "time"):
+        rows, ratios = step_times(args)
+        print_table(
+            f"Training step, ResNet-{args.depth}, batch {args.batch}, median of {args.rounds} "
+            f"interleaved samples of {args.steps} steps (ms/step)",
+            rows, ("mode", "plain", "psp", "psp/plain"),
+        )
+        summary += [f"step graph {ratios['graph']:.3f}", f"step xla {ratios['xla']:.3f}"]
+    if args.only in (None, "memory"):
+        memory = peak_memory(args)
+        print_table(
+            f"Memory of 4 training steps, median of {args.memory_rounds} fresh processes (MiB)",
+            [(name, f"{peak:.0f}", f"{growth:.0f}") for name, (peak, growth) in memory.items()],
+            ("model", "peak RSS", "peak growth during training"),
+        )
+        summary += [
+            f"peak memory {memory['psp'][0] / memory['plain'][0]:.3f}",
+            f"peak growth {memory['psp'][1] / max(memory['plain'][1], 1e-9):.3f}",
+        ]
+    print("\nratio psp/plain: " + ", ".join(summary))
 
 
 if __name__ == "__main__":

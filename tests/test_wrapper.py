@@ -172,3 +172,28 @@ def test_lora_layer_is_refused():
     dense.enable_lora(2)
     with pytest.raises(ValueError, match="'d' uses LoRA"):
         PSP(dense)
+
+
+@pytest.mark.tensorflow_only
+def test_alpha_gradient_is_the_papers_formula(rng):
+    """∂E/∂α = Σ over the structure of ∂E/∂W_eff · W; zero for cut structures."""
+    import tensorflow as tf
+
+    layer = PSP(L.Conv2D(5, 3, use_bias=False), structure="channel", regularizer=None)
+    layer.build((None, 6, 6, 4))
+    alpha = np.array([1e-4, 0.5, 1.0, 2.0], "float32")  # channel 0 is cut
+    layer.alpha.assign(alpha)
+    x = tf.constant(rng.normal(size=(2, 6, 6, 4)).astype("float32"))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(x) ** 2)
+    grad_alpha = tape.gradient(loss, layer.alpha.value).numpy()
+
+    w_eff = tf.Variable(layer.effective_kernels("float32")["kernel"])
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.nn.conv2d(x, w_eff, 1, "VALID") ** 2)
+    grad_w = tape.gradient(loss, w_eff).numpy()
+    kernel = to_numpy(layer.layer.kernel)
+    expected = (grad_w * kernel).sum(axis=(0, 1, 3))
+    expected[0] = 0.0
+    np.testing.assert_allclose(grad_alpha, expected, rtol=1e-4, atol=1e-4)
+    assert grad_alpha[0] == 0.0
