@@ -33,7 +33,10 @@ def _randomize_alphas(model, rng, cut_fraction=0.3):
 
 
 def _assert_strip_matches(wrapped, x):
+    before = [to_numpy(w).copy() for w in wrapped.weights]
     plain = strip(wrapped)
+    for w, value in zip(wrapped.weights, before, strict=True):  # input model untouched
+        np.testing.assert_array_equal(to_numpy(w), value)
     assert not psp_layers(plain)
     expected = to_numpy(wrapped(x, training=False))
     actual = to_numpy(plain(x, training=False))

@@ -62,3 +62,23 @@ def test_stripped_model_loads_without_keras_psp(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "PLAIN-OK" in result.stdout
+
+
+def test_verify_reports_the_largest_output_difference(rng):
+    from helpers import small_cnn
+
+    model = small_cnn()
+    twin = keras.models.clone_model(model)
+    twin.set_weights(model.get_weights())
+    x = rng.random((5, 8, 8, 1)).astype("float32")
+    assert keras_psp.verify(model, twin, x) == 0.0
+    head = twin.get_layer("head")
+    kernel, bias = head.get_weights()
+    head.set_weights([kernel, bias + 0.5])
+    expected = np.abs(model.predict(x, verbose=0) - twin.predict(x, verbose=0)).max()
+    assert keras_psp.verify(model, twin, x) == pytest.approx(expected, rel=1e-6)
+    assert expected > 1e-3
+
+    other = small_cnn(num_classes=3)
+    with pytest.raises(ValueError, match="shape"):
+        keras_psp.verify(model, other, x)
