@@ -1,0 +1,1 @@
+"""Model surgery: channel groups of a functional graph, and the slim rebuild."""

@@ -1,0 +1,121 @@
+"""A functional model as one flat list of layer calls, and its rebuild.
+
+Nested Sequential and functional models are inlined, so surgery sees every
+layer call of the whole network on one graph of tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import keras
+from keras.src.models.functional import Functional
+
+
+@dataclasses.dataclass
+class Op:
+    """One layer call.
+
+    Attributes:
+        layer: The called layer.
+        node: Keras's record of the call (its arguments).
+        inputs: Keys of the input tensors, in call order.
+        outputs: Keys of the output tensors.
+        local: Maps `id` of the call's own KerasTensors to graph keys.
+    """
+
+    layer: keras.layers.Layer
+    node: object
+    inputs: list[int]
+    outputs: list[int]
+    local: dict[int, int]
+
+
+@dataclasses.dataclass
+class Graph:
+    """A flat functional graph; tensors are identified by integer keys."""
+
+    model: keras.Model
+    input_keys: list[int]
+    output_keys: list[int]
+    ops: list[Op]
+    shapes: dict[int, tuple]
+
+    def consumers(self) -> dict[int, list[Op]]:
+        users: dict[int, list[Op]] = {}
+        for op in self.ops:
+            for key in op.inputs:
+                users.setdefault(key, []).append(op)
+        return users
+
+
+def _functional(model) -> Functional:
+    if isinstance(model, keras.Sequential):
+        return model._functional
+    return model
+
+
+def flatten(model: keras.Model) -> Graph:
+    """Inlines nested models and returns the flat `Graph` of `model`."""
+    ops: list[Op] = []
+    alias: dict[int, int] = {}
+    shapes: dict[int, tuple] = {}
+
+    def key_of(tensor) -> int:
+        key = alias.get(id(tensor), id(tensor))
+        shapes.setdefault(key, tuple(tensor.shape))
+        return key
+
+    def visit(fn: Functional, input_keys: list[int]) -> list[int]:
+        for tensor, key in zip(fn.inputs, input_keys, strict=True):
+            alias[id(tensor)] = key
+        for depth in sorted(fn._nodes_by_depth, reverse=True):
+            for node in fn._nodes_by_depth[depth]:
+                if node.is_input or node.operation is None:
+                    continue
+                inputs = [key_of(t) for t in node.input_tensors]
+                layer = node.operation
+                if isinstance(layer, (keras.Sequential, Functional)):
+                    outs = visit(_functional(layer), inputs)
+                    for tensor, key in zip(node.outputs, outs, strict=True):
+                        alias[id(tensor)] = key
+                    continue
+                local = {id(t): key_of(t) for t in node.input_tensors}
+                outputs = [key_of(t) for t in node.outputs]
+                ops.append(Op(layer, node, inputs, outputs, local))
+        return [key_of(t) for t in fn.outputs]
+
+    fn = _functional(model)
+    input_keys = [key_of(t) for t in fn.inputs]
+    output_keys = visit(fn, input_keys)
+    return Graph(model, input_keys, output_keys, ops, shapes)
+
+
+def rebuild(graph: Graph, make: Callable[[Op], tuple], name: str) -> keras.Model:
+    """Calls `make(op) -> (layer, weights or None)` for every op, in order.
+
+    The new layers are called on the new tensors exactly as the old ones were
+    called (same keyword arguments), then given their weights.
+    """
+    fn = _functional(graph.model)
+    inputs = [
+        keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history.operation.name)
+        for t in fn.inputs
+    ]
+    values = dict(zip(graph.input_keys, inputs, strict=True))
+    for op in graph.ops:
+        layer, weights = make(op)
+        args, kwargs = op.node.arguments.fill_in(
+            {tid: values[key] for tid, key in op.local.items()}
+        )
+        outputs = keras.tree.flatten(layer(*args, **kwargs))
+        if weights is not None:
+            layer.set_weights(weights)
+        values.update(zip(op.outputs, outputs, strict=True))
+    outputs = [values[key] for key in graph.output_keys]
+    return keras.Model(
+        inputs if len(inputs) > 1 else inputs[0],
+        outputs if len(outputs) > 1 else outputs[0],
+        name=name,
+    )

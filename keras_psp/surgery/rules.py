@@ -1,0 +1,275 @@
+"""Per-layer surgery rules: how channels couple, and how a layer shrinks.
+
+Every layer type maps to one `Rule` in a registry:
+
+- `Passthrough` layers (BN, activations, pooling, padding, ...) carry channel
+  `c` of their input to channel `c` of their output;
+- `Merge` layers (Add, Multiply, ...) force one channel set on all inputs and
+  the output; `Concatenate` maps channels by offset; `Flatten` maps channel
+  `c` to the strided positions `c, c + C, c + 2C, ...`;
+- `Boundary` layers (Conv, Dense, ...) decouple their input channels from
+  their output channels and say, through a connectivity matrix, which input
+  channels their kept outputs still read;
+- `Fixed` layers keep every channel of their inputs and outputs.
+
+A rule's `edges` list coupled channel pairs as
+`(input index, input channels, output index, output channels)`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import keras
+from keras import layers as L
+
+
+def copy_layer(layer, **updates):
+    """A new layer of the same class and config, with `updates` applied."""
+    if not isinstance(layer, keras.layers.Layer):
+        return layer  # a stateless keras.ops operation is reused as it is
+    return layer.__class__.from_config({**layer.get_config(), **updates})
+
+
+def _weights(layer) -> list[np.ndarray]:
+    return [np.asarray(w) for w in layer.get_weights()]
+
+
+class Rule:
+    """How one layer type couples channels and shrinks."""
+
+    boundary = False
+    fixed = False
+
+    def edges(self, op, shapes) -> list[tuple]:
+        return []
+
+    def rebuild(self, op, present_in, present_out):
+        """Returns `(new_layer, weights or None)` for the kept channels."""
+        weights = _weights(op.layer) if isinstance(op.layer, keras.layers.Layer) else None
+        return copy_layer(op.layer), weights or None
+
+
+class Fixed(Rule):
+    """Keeps every channel flowing in and out (the safe default)."""
+
+    fixed = True
+
+
+class Passthrough(Rule):
+    """Channel `c` in is channel `c` out; per-channel weights are sliced."""
+
+    def edges(self, op, shapes):
+        channels = np.arange(shapes[op.inputs[0]][-1])
+        return [(0, channels, 0, channels)]
+
+    def rebuild(self, op, present_in, present_out):
+        keep = present_in[0]
+        weights = [w[..., keep] for w in _weights(op.layer)]
+        return copy_layer(op.layer), weights or None
+
+
+class Merge(Rule):
+    """Element-wise merges: one channel set for every input and the output."""
+
+    def edges(self, op, shapes):
+        channels = np.arange(shapes[op.outputs[0]][-1])
+        return [(i, channels, 0, channels) for i in range(len(op.inputs))]
+
+
+class Concat(Rule):
+    def edges(self, op, shapes):
+        out, offset = [], 0
+        for i, key in enumerate(op.inputs):
+            size = shapes[key][-1]
+            out.append((i, np.arange(size), 0, np.arange(offset, offset + size)))
+            offset += size
+        return out
+
+
+class FlattenRule(Rule):
+    """Channels-last Flatten: input channel `c` → outputs `p * C + c`."""
+
+    def edges(self, op, shapes):
+        channels = shapes[op.inputs[0]][-1]
+        total = shapes[op.outputs[0]][-1]
+        outputs = np.arange(total)
+        return [(0, outputs % channels, 0, outputs)]
+
+
+class ReshapeRule(Passthrough):
+    """`Reshape` that keeps the channel axis last, as `Reshape((1, 1, C))`."""
+
+    def rebuild(self, op, present_in, present_out):
+        target = tuple(op.layer.target_shape[:-1]) + (int(present_out[0].sum()),)
+        return copy_layer(op.layer, target_shape=target), None
+
+
+class DepthwiseRule(Rule):
+    """Input channel `c` feeds outputs `c * m ... c * m + m - 1`."""
+
+    def edges(self, op, shapes):
+        channels = shapes[op.inputs[0]][-1]
+        m = op.layer.depth_multiplier
+        return [(0, np.repeat(np.arange(channels), m), 0, np.arange(channels * m))]
+
+    def rebuild(self, op, present_in, present_out):
+        keep = present_in[0]
+        weights = _weights(op.layer)
+        weights[0] = weights[0][..., keep, :]
+        if op.layer.use_bias:
+            m = op.layer.depth_multiplier
+            weights[1] = weights[1].reshape(-1, m)[keep].ravel()
+        return copy_layer(op.layer), weights
+
+
+class Boundary(Rule):
+    """Layers that mix channels: outputs and inputs shrink independently."""
+
+    boundary = True
+
+    def connectivity(self, layer) -> np.ndarray:
+        """Bool `(C_in, C_out)`: True where output `o` reads input `i`."""
+        raise NotImplementedError
+
+
+class ConvRule(Boundary):
+    def connectivity(self, layer):
+        kernel = np.asarray(layer.kernel)
+        return np.any(kernel != 0, axis=tuple(range(kernel.ndim - 2)))
+
+    def rebuild(self, op, present_in, present_out):
+        keep_in, keep_out = present_in[0], present_out[0]
+        weights = _weights(op.layer)
+        weights[0] = weights[0][..., keep_in, :][..., keep_out]
+        if op.layer.use_bias:
+            weights[1] = weights[1][keep_out]
+        return copy_layer(op.layer, filters=int(keep_out.sum())), weights
+
+
+class ConvTransposeRule(Boundary):
+    def connectivity(self, layer):
+        kernel = np.asarray(layer.kernel)  # (*k, out, in)
+        return np.any(kernel != 0, axis=tuple(range(kernel.ndim - 2))).T
+
+    def rebuild(self, op, present_in, present_out):
+        keep_in, keep_out = present_in[0], present_out[0]
+        weights = _weights(op.layer)
+        weights[0] = weights[0][..., keep_out, :][..., keep_in]
+        if op.layer.use_bias:
+            weights[1] = weights[1][keep_out]
+        return copy_layer(op.layer, filters=int(keep_out.sum())), weights
+
+
+class DenseRule(Boundary):
+    def connectivity(self, layer):
+        return np.asarray(layer.kernel) != 0
+
+    def rebuild(self, op, present_in, present_out):
+        keep_in, keep_out = present_in[0], present_out[0]
+        weights = _weights(op.layer)
+        weights[0] = weights[0][keep_in][:, keep_out]
+        if op.layer.use_bias:
+            weights[1] = weights[1][keep_out]
+        return copy_layer(op.layer, units=int(keep_out.sum())), weights
+
+
+class SeparableRule(Boundary):
+    def connectivity(self, layer):
+        depthwise = np.asarray(layer.depthwise_kernel)  # (*k, in, m)
+        pointwise = np.asarray(layer.pointwise_kernel)  # (*1, in*m, out)
+        reads = np.any(depthwise != 0, axis=tuple(range(depthwise.ndim - 2)))
+        mixes = pointwise.reshape(pointwise.shape[-2:]) != 0
+        c_in, m = reads.shape
+        return np.any(reads.reshape(c_in, m, 1) & mixes.reshape(c_in, m, -1), axis=1)
+
+    def rebuild(self, op, present_in, present_out):
+        keep_in, keep_out = present_in[0], present_out[0]
+        m = op.layer.depth_multiplier
+        weights = _weights(op.layer)
+        weights[0] = weights[0][..., keep_in, :]
+        weights[1] = weights[1][..., np.repeat(keep_in, m), :][..., keep_out]
+        if op.layer.use_bias:
+            weights[2] = weights[2][keep_out]
+        return copy_layer(op.layer, filters=int(keep_out.sum())), weights
+
+
+PASSTHROUGH = (
+    L.ReLU, L.LeakyReLU, L.ELU, L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D,
+    L.SpatialDropout3D, L.GaussianNoise, L.GaussianDropout, L.AlphaDropout,
+    L.BatchNormalization, L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
+    L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
+    L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
+    L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
+    L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D, L.Cropping1D, L.Cropping2D,
+    L.Cropping3D, L.UpSampling1D, L.UpSampling2D, L.UpSampling3D, L.Identity,
+    L.Activation,
+)
+MERGES = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum)
+#: Layers that are exact when every channel is kept; no warning for them.
+KNOWN_FIXED = (L.LayerNormalization, L.Softmax, L.Normalization, L.Rescaling, L.InputLayer)
+
+_RULES: dict[type, Rule] = {}
+
+
+def register_rule(rule: Rule, *layer_types: type) -> None:
+    """Registers a surgery `rule` for the exact classes in `layer_types`."""
+    for layer_type in layer_types:
+        _RULES[layer_type] = rule
+
+
+register_rule(Passthrough(), *PASSTHROUGH)
+register_rule(Merge(), *MERGES)
+register_rule(Concat(), L.Concatenate)
+register_rule(FlattenRule(), L.Flatten)
+register_rule(ReshapeRule(), L.Reshape)
+register_rule(DepthwiseRule(), L.DepthwiseConv1D, L.DepthwiseConv2D)
+register_rule(ConvRule(), L.Conv1D, L.Conv2D, L.Conv3D)
+register_rule(ConvTransposeRule(), L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
+register_rule(DenseRule(), L.Dense)
+register_rule(SeparableRule(), L.SeparableConv1D, L.SeparableConv2D)
+register_rule(Fixed(), *KNOWN_FIXED)
+
+_ELEMENTWISE_ACTIVATIONS_EXCLUDED = {"softmax", "log_softmax"}
+
+
+def _channels_last(layer) -> bool:
+    return getattr(layer, "data_format", "channels_last") == "channels_last"
+
+
+def rule_for(op, shapes) -> tuple[Rule, bool]:
+    """The rule of `op`, and whether it is a known layer (no warning needed).
+
+    Configurations a rule does not cover (channels_first, grouped convolution,
+    BN on another axis, Concatenate on another axis, broadcasting merges,
+    reshapes that move the channel axis) fall back to `Fixed`.
+    """
+    layer = op.layer
+    rule = _RULES.get(type(layer))
+    if rule is None:
+        return Fixed(), False
+    if rule.fixed or not _channels_last(layer):
+        return Fixed(), True
+    in_shapes = [shapes[k] for k in op.inputs]
+    out_shapes = [shapes[k] for k in op.outputs]
+    rank = len(in_shapes[0])
+    axis_last = (-1, rank - 1)
+    if isinstance(layer, L.BatchNormalization) and layer.axis not in axis_last:
+        return Fixed(), True
+    if isinstance(layer, L.Concatenate) and layer.axis not in axis_last:
+        return Fixed(), True
+    if isinstance(layer, L.Activation):
+        name = getattr(layer.activation, "__name__", "")
+        if name in _ELEMENTWISE_ACTIVATIONS_EXCLUDED:
+            return Fixed(), True
+    if isinstance(layer, (L.Conv1D, L.Conv2D, L.Conv3D)) and layer.groups != 1:
+        return Fixed(), True
+    if isinstance(layer, MERGES) and any(s[-1] != out_shapes[0][-1] for s in in_shapes):
+        return Fixed(), True
+    if isinstance(layer, L.Reshape) and (
+        in_shapes[0][-1] != out_shapes[0][-1] or layer.target_shape[-1] != in_shapes[0][-1]
+    ):
+        return Fixed(), True
+    if isinstance(layer, L.Flatten) and len(in_shapes[0]) < 2:
+        return Fixed(), True
+    return rule, True
