@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 import keras
+from keras.src.saving.serialization_lib import SafeModeScope
 
 from keras_psp.structures import STRUCTURES, get_handler, supported_layer_types
 from keras_psp.wrapper import PSP
@@ -54,8 +55,17 @@ def psp_layers(model) -> list[PSP]:
     return [layer for layer in iter_layers(model) if isinstance(layer, PSP)]
 
 
-def _fresh(layer):
-    return layer.__class__.from_config(layer.get_config())
+def copy_layer(layer, **updates):
+    """A new, unbuilt layer of the same class and config, `updates` applied.
+
+    The layer is an object the user handed us in memory, not a file, so a
+    `Lambda` holding a Python lambda is copied too (safe mode is for files).
+    A stateless `keras.ops` operation is returned as it is.
+    """
+    if not isinstance(layer, keras.layers.Layer):
+        return layer
+    with SafeModeScope(False):
+        return layer.__class__.from_config({**layer.get_config(), **updates})
 
 
 def _copy_weights(source, target, copy: Callable) -> None:
@@ -146,17 +156,17 @@ def wrap(
                     f"Layer '{layer.name}' is already wrapped in PSP; leave it "
                     "out of `layers`."
                 )
-            return _fresh(layer)
+            return copy_layer(layer)
         if not wanted(layer):
-            return _fresh(layer)
+            return copy_layer(layer)
         handler = get_handler(layer)
         if handler is None or structure not in handler.structures:
             if explicit:
-                PSP(_fresh(layer), structure=structure, **psp_kwargs)  # raises
+                PSP(copy_layer(layer), structure=structure, **psp_kwargs)  # raises
             if handler is not None:
                 skipped.append(layer.name)
-            return _fresh(layer)
-        return PSP(_fresh(layer), structure=structure, **psp_kwargs)
+            return copy_layer(layer)
+        return PSP(copy_layer(layer), structure=structure, **psp_kwargs)
 
     new_model = keras.models.clone_model(model, clone_function=clone, recursive=True)
 
@@ -207,10 +217,8 @@ def strip(model: keras.Model) -> keras.Model:
 
     def clone(layer):
         if not isinstance(layer, PSP):
-            return _fresh(layer)
-        config = layer.layer.get_config()
-        config["name"] = layer.name  # keep the graph's name for weight pairing
-        return layer.layer.__class__.from_config(config)
+            return copy_layer(layer)
+        return copy_layer(layer.layer, name=layer.name)  # the graph's name pairs weights
 
     new_model = keras.models.clone_model(model, clone_function=clone, recursive=True)
 

@@ -18,17 +18,11 @@ A rule's `edges` list coupled channel pairs as
 
 from __future__ import annotations
 
-import numpy as np
-
 import keras
+import numpy as np
 from keras import layers as L
 
-
-def copy_layer(layer, **updates):
-    """A new layer of the same class and config, with `updates` applied."""
-    if not isinstance(layer, keras.layers.Layer):
-        return layer  # a stateless keras.ops operation is reused as it is
-    return layer.__class__.from_config({**layer.get_config(), **updates})
+from keras_psp.cloning import copy_layer
 
 
 def _weights(layer) -> list[np.ndarray]:
@@ -229,6 +223,25 @@ register_rule(ConvTransposeRule(), L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3
 register_rule(DenseRule(), L.Dense)
 register_rule(SeparableRule(), L.SeparableConv1D, L.SeparableConv2D)
 register_rule(Fixed(), *KNOWN_FIXED)
+
+
+def _register_optional() -> None:
+    """Rules for classes outside the public API, when this Keras has them."""
+    try:  # `x + y` on KerasTensors records keras.ops operations
+        from keras.src.ops import numpy as knp
+
+        register_rule(Merge(), knp.Add, knp.Subtract, knp.Multiply, knp.Maximum, knp.Minimum)
+    except (ImportError, AttributeError):
+        pass
+    try:  # ConvNeXt's per-channel scale; its channels are pinned by LayerNorm
+        from keras.src.applications.convnext import LayerScale
+
+        register_rule(Fixed(), LayerScale)
+    except ImportError:
+        pass
+
+
+_register_optional()
 
 _ELEMENTWISE_ACTIVATIONS_EXCLUDED = {"softmax", "log_softmax"}
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import keras
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-
-import keras
 
 from keras_psp.cloning import check_graph_model, psp_layers, strip
 from keras_psp.surgery.graph import Graph, flatten, rebuild

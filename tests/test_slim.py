@@ -1,0 +1,216 @@
+"""slim(): physically smaller, numerically equal models."""
+
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from keras import layers as L
+
+from helpers import to_numpy
+from keras_psp import slim, verify, wrap
+from keras_psp.cloning import iter_layers, psp_layers
+from keras_psp.models import cifar_resnet
+
+STOCK = tuple(
+    getattr(L, name) for name in dir(L) if isinstance(getattr(L, name), type)
+)
+
+
+def _prune_randomly(model, rng, cut=0.4):
+    for layer in psp_layers(model):
+        alpha = rng.uniform(0.2, 1.5, size=layer.alpha.shape).astype("float32")
+        alpha[rng.random(alpha.shape) < cut] = 0.0
+        alpha.flat[0] = 1.0
+        layer.alpha.assign(alpha)
+    return model
+
+
+def _check(model, x, rtol=1e-4):
+    """slim(model) is smaller, plain, and equal to model to rtol (relative)."""
+    before = [to_numpy(w).copy() for w in model.weights]
+    small = slim(model)
+    for w, value in zip(model.weights, before, strict=True):
+        np.testing.assert_array_equal(to_numpy(w), value)  # input untouched
+    assert not psp_layers(small)
+    assert all(isinstance(layer, STOCK) for layer in iter_layers(small))
+    reference = np.asarray(model.predict(x, verbose=0))
+    assert verify(model, small, x) <= rtol * np.abs(reference).max()
+    assert small.count_params() < model.count_params()
+    return small
+
+
+def _logits_model(body, input_shape, num_classes=7):
+    inputs = keras.Input(input_shape)
+    return keras.Model(inputs, L.Dense(num_classes, name="logits")(body(inputs)))
+
+
+def test_resnet_residual_channels_are_coupled(rng):
+    model = _prune_randomly(wrap(cifar_resnet(20, input_shape=(16, 16, 3))), rng)
+    small = _check(model, rng.random((4, 16, 16, 3)).astype("float32"))
+    # the residual stream of a stage has one channel count at every Add
+    for stage in ("s1", "s2", "s3"):
+        adds = [a for a in small.layers if a.name.startswith(stage) and a.name.endswith("_add")]
+        widths = {a.output.shape[-1] for a in adds}
+        assert len(widths) == 1, (stage, widths)
+
+
+def test_channel_cut_in_residual_stream_stays_for_other_readers(rng):
+    """A consumer's own zero input channels do not remove a stream channel
+    that another consumer still reads."""
+    model = wrap(cifar_resnet(8, input_shape=(8, 8, 3)), layers=["s2b1a_conv"])
+    layer = model.get_layer("s2b1a_conv")
+    alpha = np.ones(16, "float32")
+    alpha[:5] = 0.0
+    layer.alpha.assign(alpha)
+    small = _check(model, rng.random((3, 8, 8, 3)).astype("float32"), rtol=1e-5)
+    # s1 stream still feeds the projection shortcut, which reads all 16 channels
+    assert small.get_layer("s2b1a_conv").kernel.shape[-2] == 16
+
+
+def test_plain_chain_drops_cut_channels_from_producer(rng):
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(12, 3, padding="same", name="c1")(inputs)
+    x = L.BatchNormalization(name="bn1")(x)
+    x = L.ReLU()(x)
+    x = L.Conv2D(10, 3, padding="same", name="c2")(x)
+    model = keras.Model(inputs, L.GlobalAveragePooling2D()(x))
+    wrapped = wrap(model, layers=["c2"])
+    alpha = np.ones(12, "float32")
+    alpha[[1, 4, 7]] = 0.0
+    wrapped.get_layer("c2").alpha.assign(alpha)
+    small = _check(wrapped, rng.random((2, 8, 8, 3)).astype("float32"), rtol=1e-5)
+    assert small.get_layer("c1").filters == 9
+    assert small.get_layer("bn1").gamma.shape == (9,)
+    assert small.get_layer("c2").kernel.shape == (3, 3, 9, 10)
+
+
+def test_flatten_to_dense_uses_channels_last_index_map(rng):
+    inputs = keras.Input((6, 6, 2))
+    x = L.Conv2D(8, 3, activation="relu", name="conv")(inputs)
+    x = L.MaxPooling2D()(x)
+    x = L.Flatten()(x)
+    model = keras.Model(inputs, L.Dense(5, name="fc")(x))
+    wrapped = wrap(model, structure="filter", layers=["conv"])
+    wrapped = wrap(wrapped, structure="channel", layers=["fc"])
+    fc_alpha = np.ones(2 * 2 * 8, "float32")
+    fc_alpha[np.arange(4) * 8 + 3] = 0.0  # channel 3 at every position
+    fc_alpha[np.arange(4) * 8 + 6] = 0.0  # channel 6 at every position
+    fc_alpha[5] = 0.0  # one position only: channel 5 must stay
+    wrapped.get_layer("fc").alpha.assign(fc_alpha)
+    small = _check(wrapped, rng.random((3, 6, 6, 2)).astype("float32"), rtol=1e-5)
+    assert small.get_layer("conv").filters == 6
+    assert small.get_layer("fc").kernel.shape == (24, 5)
+
+
+def test_densenet_concatenation_offsets(rng):
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(6, 3, padding="same", name="stem")(inputs)
+    for i in range(3):
+        y = L.BatchNormalization(name=f"bn{i}")(x)
+        y = L.ReLU()(y)
+        y = L.Conv2D(4, 3, padding="same", name=f"grow{i}")(y)
+        x = L.Concatenate(name=f"cat{i}")([x, y])
+    x = L.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, L.Dense(3, name="fc")(x))
+    wrapped = _prune_randomly(wrap(model), rng, cut=0.35)
+    _check(wrapped, rng.random((2, 8, 8, 3)).astype("float32"))
+
+
+def test_squeeze_excitation_gate_is_coupled_to_the_trunk(rng):
+    inputs = keras.Input((8, 8, 3))
+    trunk = L.Conv2D(8, 3, padding="same", activation="relu", name="trunk")(inputs)
+    gate = L.GlobalAveragePooling2D(keepdims=True)(trunk)
+    gate = L.Conv2D(4, 1, activation="relu", name="squeeze")(gate)
+    gate = L.Conv2D(8, 1, activation="sigmoid", name="excite")(gate)
+    x = L.Multiply()([trunk, gate])
+    pooled = L.GlobalAveragePooling2D()(x)
+    gate2 = L.Reshape((1, 1, 8))(L.Dense(8, activation="sigmoid", name="fcgate")(pooled))
+    x = L.Multiply()([x, gate2])
+    x = L.Conv2D(6, 1, name="head")(x)
+    model = keras.Model(inputs, L.GlobalAveragePooling2D()(x))
+    readers = ["head", "squeeze", "fcgate"]  # every reader of trunk channels 0 and 5
+    wrapped = wrap(model, layers=readers)
+    alpha = np.ones(8, "float32")
+    alpha[[0, 5]] = 0.0
+    for name in readers:
+        wrapped.get_layer(name).alpha.assign(alpha)
+    small = _check(wrapped, rng.random((2, 8, 8, 3)).astype("float32"), rtol=1e-5)
+    assert small.get_layer("trunk").filters == 6
+    assert small.get_layer("excite").filters == 6
+    assert small.get_layer("fcgate").units == 6
+
+
+def test_unknown_layer_is_a_channel_barrier_with_a_warning(rng):
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(6, 3, padding="same", name="c1")(inputs)
+    x = L.Lambda(lambda t: t * 2.0, name="double")(x)
+    x = L.Conv2D(5, 3, padding="same", name="c2")(x)
+    x = L.Conv2D(4, 1, name="c3")(x)
+    model = keras.Model(inputs, L.GlobalAveragePooling2D()(x))
+    wrapped = wrap(model, layers=["c2", "c3"])
+    wrapped.get_layer("c2").alpha.assign(np.array([1, 0, 1, 1, 0, 1], "float32"))
+    wrapped.get_layer("c3").alpha.assign(np.array([1, 0, 1, 1, 0], "float32"))
+    with pytest.warns(UserWarning, match="does not know layer.*double"):
+        small = slim(wrapped)
+    x = rng.random((2, 8, 8, 3)).astype("float32")
+    assert verify(wrapped, small, x) < 1e-5
+    assert small.get_layer("c1").filters == 6  # kept: it flows through the Lambda
+    assert small.get_layer("c2").kernel.shape[-2] == 6
+    assert small.get_layer("c2").filters == 3  # its cut outputs are unread by c3
+
+
+@pytest.mark.parametrize("name", ["ResNet50", "MobileNetV2", "DenseNet121", "VGG16"])
+def test_keras_applications(name, rng):
+    base = getattr(keras.applications, name)(
+        weights=None, input_shape=(32, 32, 3), classes=5, classifier_activation=None
+    )
+    model = _prune_randomly(wrap(base), rng)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _check(model, rng.random((2, 32, 32, 3)).astype("float32"))
+    assert not [w for w in caught if "slim" in str(w.message)]  # every layer is known
+
+
+def test_slim_check_inputs_catches_a_wrong_rebuild(rng, monkeypatch):
+    from keras_psp.surgery import rules
+
+    model = _prune_randomly(wrap(cifar_resnet(8, input_shape=(8, 8, 3))), rng)
+    x = rng.random((2, 8, 8, 3)).astype("float32")
+    assert slim(model, check_inputs=x) is not None
+    original = rules.DenseRule.rebuild
+
+    def broken(self, op, present_in, present_out):
+        layer, weights = original(self, op, present_in, present_out)
+        weights[1] = weights[1] + np.arange(len(weights[1]))  # changes the softmax
+        return layer, weights
+
+    monkeypatch.setattr(rules.DenseRule, "rebuild", broken)
+    with pytest.raises(RuntimeError, match="slim model differs"):
+        slim(model, check_inputs=x)
+
+
+def test_slim_model_loads_without_keras_psp(tmp_path, rng):
+    model = _prune_randomly(wrap(cifar_resnet(8, input_shape=(8, 8, 3))), rng)
+    small = slim(model)
+    path = tmp_path / "slim.keras"
+    small.save(path)
+    x = rng.random((3, 8, 8, 3)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", model.predict(x, verbose=0))
+    script = textwrap.dedent(
+        f"""
+        import sys, numpy as np, keras
+        model = keras.saving.load_model({str(path)!r})
+        y = model.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0)
+        np.testing.assert_allclose(y, np.load({str(tmp_path / 'y.npy')!r}), rtol=1e-4, atol=1e-6)
+        assert "keras_psp" not in sys.modules
+        print("SLIM-OK", model.count_params())
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"SLIM-OK {small.count_params()}" in result.stdout
