@@ -28,11 +28,13 @@ def test_main_job_trains_saves_and_reports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "epoch 1: accuracy" in out and "epoch 2: accuracy" in out
     assert "structures below threshold" in out
+    assert "latency, batch 128 ms" in out and "parameters" in out
+    assert result["difference"] < 1e-4
     assert len(result["history"]["accuracy"]) == 2
     assert 0.3 < result["test_accuracy"] <= 1.0  # well above chance (0.1)
 
     wrapped = keras.saving.load_model(result["wrapped_path"])
-    plain = keras.saving.load_model(result["plain_path"])
+    plain = keras.saving.load_model(result["slim_path"])
     assert len(psp_layers(wrapped)) == 10 and not psp_layers(plain)
     x = np.random.default_rng(0).random((8, 28, 28, 1)).astype("float32")
     np.testing.assert_allclose(plain.predict(x, verbose=0), wrapped.predict(x, verbose=0),
