@@ -74,7 +74,7 @@ def test_verify_reports_the_largest_output_difference(rng):
     assert keras_psp.verify(model, twin, x) == 0.0
     head = twin.get_layer("head")
     kernel, bias = head.get_weights()
-    head.set_weights([kernel, bias + 0.5])
+    head.set_weights([kernel, bias + np.arange(len(bias), dtype="float32")])  # moves the softmax
     expected = np.abs(model.predict(x, verbose=0) - twin.predict(x, verbose=0)).max()
     assert keras_psp.verify(model, twin, x) == pytest.approx(expected, rel=1e-6)
     assert expected > 1e-3
