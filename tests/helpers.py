@@ -47,3 +47,29 @@ def small_cnn(input_shape=(8, 8, 1), batchnorm=True, num_classes=10, name="cnn",
 
 def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def assert_loads_without_keras_psp(model, x, expected, folder, rtol=1e-5):
+    """Saves `model`, loads it in a fresh process that never imports
+    keras_psp, and checks its predictions on `x` against `expected`."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path, x_path, y_path = (str(folder / n) for n in ("model.keras", "x.npy", "y.npy"))
+    model.save(path)
+    np.save(x_path, x)
+    np.save(y_path, expected)
+    script = textwrap.dedent(
+        f"""
+        import sys, numpy as np, keras
+        model = keras.saving.load_model({path!r})
+        y = model.predict(np.load({x_path!r}), verbose=0)
+        np.testing.assert_allclose(y, np.load({y_path!r}), rtol={rtol}, atol=1e-6)
+        assert "keras_psp" not in sys.modules
+        print("LOADED", model.count_params())
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"LOADED {model.count_params()}" in result.stdout

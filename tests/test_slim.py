@@ -1,8 +1,5 @@
 """slim(): physically smaller, numerically equal models."""
 
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import keras
@@ -10,7 +7,7 @@ import numpy as np
 import pytest
 from keras import layers as L
 
-from helpers import to_numpy
+from helpers import assert_loads_without_keras_psp, to_numpy
 from keras_psp import slim, verify, wrap
 from keras_psp.cloning import iter_layers, psp_layers
 from keras_psp.models import cifar_resnet
@@ -195,22 +192,5 @@ def test_slim_check_inputs_catches_a_wrong_rebuild(rng, monkeypatch):
 
 def test_slim_model_loads_without_keras_psp(tmp_path, rng):
     model = _prune_randomly(wrap(cifar_resnet(8, input_shape=(8, 8, 3))), rng)
-    small = slim(model)
-    path = tmp_path / "slim.keras"
-    small.save(path)
     x = rng.random((3, 8, 8, 3)).astype("float32")
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "y.npy", model.predict(x, verbose=0))
-    script = textwrap.dedent(
-        f"""
-        import sys, numpy as np, keras
-        model = keras.saving.load_model({str(path)!r})
-        y = model.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0)
-        np.testing.assert_allclose(y, np.load({str(tmp_path / 'y.npy')!r}), rtol=1e-4, atol=1e-6)
-        assert "keras_psp" not in sys.modules
-        print("SLIM-OK", model.count_params())
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"SLIM-OK {small.count_params()}" in result.stdout
+    assert_loads_without_keras_psp(slim(model), x, model.predict(x, verbose=0), tmp_path, rtol=1e-4)
