@@ -187,7 +187,34 @@ def wrap(
         warnings.warn(
             f"wrap: no layer of model '{model.name}' was wrapped.", stacklevel=2
         )
+    cancelled = _cancelled_by_batchnorm(new_model)
+    if cancelled:
+        warnings.warn(
+            f"wrap: the α of {len(cancelled)} layer(s) ({', '.join(cancelled)}) "
+            "scale(s) outputs that a BatchNormalization normalizes right away, so "
+            "training cannot tell important from unimportant structures there. "
+            "Use structure='channel' for these layers (BN does not cancel "
+            "input-channel scales).",
+            stacklevel=2,
+        )
     return new_model
+
+
+def _cancelled_by_batchnorm(model) -> list[str]:
+    """PSP layers with output-side α (filter, layer) read only by BN layers."""
+    from keras_psp.surgery.graph import flatten
+
+    graph = flatten(model)
+    readers = graph.consumers()
+    names = []
+    for op in graph.ops:
+        layer = op.layer
+        if not isinstance(layer, PSP) or layer.structure not in ("filter", "layer"):
+            continue
+        users = readers.get(op.outputs[0], [])
+        if users and all(isinstance(u.layer, keras.layers.BatchNormalization) for u in users):
+            names.append(layer.name)
+    return names
 
 
 def strip(model: keras.Model) -> keras.Model:

@@ -112,7 +112,8 @@ def test_layer_selection_by_name_type_and_predicate():
     assert [p.name for p in psp_layers(wrap(model, layers=[L.Dense]))] == ["head"]
     selected = wrap(model, layers=lambda layer: layer.name.startswith("conv"))
     assert [p.name for p in psp_layers(selected)] == ["conv0", "conv1"]
-    both = wrap(model, layers=["conv0", L.Dense], structure="filter")
+    with pytest.warns(UserWarning, match="BatchNormalization"):  # conv0 feeds bn0
+        both = wrap(model, layers=["conv0", L.Dense], structure="filter")
     assert [(p.name, p.structure) for p in psp_layers(both)] == [("conv0", "filter"), ("head", "filter")]
 
 
@@ -192,3 +193,13 @@ def test_model_with_nothing_to_wrap_warns():
         warnings.simplefilter("always")
         wrap(model)
     assert any("no layer of model" in str(w.message) for w in caught)
+
+
+def test_wrap_warns_when_batchnorm_cancels_output_side_alpha():
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) \(conv0, conv1\).*structure='channel'"):
+        wrap(small_cnn(batchnorm=True), structure="filter")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrap(small_cnn(batchnorm=True), structure="channel")
+        wrap(small_cnn(batchnorm=False), structure="filter")
+    assert not [w for w in caught if "BatchNormalization normalizes" in str(w.message)]
