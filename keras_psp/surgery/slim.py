@@ -136,8 +136,10 @@ def slim(model: keras.Model, check_inputs=None, atol: float = 1e-4) -> keras.Mod
             stacklevel=2,
         )
 
+    rule_of = {id(op): rule for op, rule in zip(graph.ops, plan.rules, strict=True)}
+
     def make(op):
-        rule = plan.rules[graph.ops.index(op)]
+        rule = rule_of[id(op)]
         present_in = [plan.present[k] for k in op.inputs]
         present_out = [plan.present[k] for k in op.outputs]
         return rule.rebuild(op, present_in, present_out)
