@@ -55,9 +55,9 @@ def test_resnet_residual_channels_are_coupled(rng):
         assert len(widths) == 1, (stage, widths)
 
 
-def test_channel_cut_in_residual_stream_stays_for_other_readers(rng):
-    """A consumer's own zero input channels do not remove a stream channel
-    that another consumer still reads."""
+def test_consumer_drops_its_own_cut_inputs_from_a_shared_stream(rng):
+    """A stream channel another consumer reads stays in the stream, but the
+    consumer whose input α cut it no longer computes with it (a gather)."""
     model = wrap(cifar_resnet(8, input_shape=(8, 8, 3)), layers=["s2b1a_conv"])
     layer = model.get_layer("s2b1a_conv")
     alpha = np.ones(16, "float32")
@@ -65,7 +65,13 @@ def test_channel_cut_in_residual_stream_stays_for_other_readers(rng):
     layer.alpha.assign(alpha)
     small = _check(model, rng.random((3, 8, 8, 3)).astype("float32"), rtol=1e-5)
     # s1 stream still feeds the projection shortcut, which reads all 16 channels
-    assert small.get_layer("s2b1a_conv").kernel.shape[-2] == 16
+    assert small.get_layer("s1b1_add").output.shape[-1] == 16
+    assert small.get_layer("s2b1p_conv").kernel.shape[-2] == 16
+    assert small.get_layer("s2b1a_conv").kernel.shape[-2] == 11
+    conv_input = small.get_layer("s2b1a_conv").input
+    gather = conv_input._keras_history.operation
+    assert type(gather).__name__ == "Take"
+    assert conv_input.shape[-1] == 11
 
 
 def test_plain_chain_drops_cut_channels_from_producer(rng):
@@ -100,7 +106,7 @@ def test_flatten_to_dense_uses_channels_last_index_map(rng):
     wrapped.get_layer("fc").alpha.assign(fc_alpha)
     small = _check(wrapped, rng.random((3, 6, 6, 2)).astype("float32"), rtol=1e-5)
     assert small.get_layer("conv").filters == 6
-    assert small.get_layer("fc").kernel.shape == (24, 5)
+    assert small.get_layer("fc").kernel.shape == (23, 5)  # position 5 gathered away
 
 
 def test_densenet_concatenation_offsets(rng):
@@ -156,7 +162,7 @@ def test_unknown_layer_is_a_channel_barrier_with_a_warning(rng):
     x = rng.random((2, 8, 8, 3)).astype("float32")
     assert verify(wrapped, small, x) < 1e-5
     assert small.get_layer("c1").filters == 6  # kept: it flows through the Lambda
-    assert small.get_layer("c2").kernel.shape[-2] == 6
+    assert small.get_layer("c2").kernel.shape[-2] == 4  # its own cut inputs gathered away
     assert small.get_layer("c2").filters == 3  # its cut outputs are unread by c3
 
 
@@ -180,8 +186,8 @@ def test_slim_check_inputs_catches_a_wrong_rebuild(rng, monkeypatch):
     assert slim(model, check_inputs=x) is not None
     original = rules.DenseRule.rebuild
 
-    def broken(self, op, present_in, present_out):
-        layer, weights = original(self, op, present_in, present_out)
+    def broken(self, op, present_in, present_out, bias=None):
+        layer, weights = original(self, op, present_in, present_out, bias)
         weights[1] = weights[1] + np.arange(len(weights[1]))  # changes the softmax
         return layer, weights
 

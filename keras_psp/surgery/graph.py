@@ -92,11 +92,17 @@ def flatten(model: keras.Model) -> Graph:
     return Graph(model, input_keys, output_keys, ops, shapes)
 
 
-def rebuild(graph: Graph, make: Callable[[Op], tuple], name: str) -> keras.Model:
-    """Calls `make(op) -> (layer, weights or None)` for every op, in order.
+def rebuild(
+    graph: Graph,
+    emit: Callable[[Op, dict], list],
+    name: str,
+    live: set[int] | None = None,
+) -> keras.Model:
+    """Calls `emit(op, values) -> new output tensors` for every op, in order.
 
-    The new layers are called on the new tensors exactly as the old ones were
-    called (same keyword arguments), then given their weights.
+    `values` maps tensor keys to the new tensors built so far; `emit` builds
+    the op's replacement on them. Ops whose `id` is not in `live` (when
+    given) are left out.
     """
     fn = _functional(graph.model)
     inputs = [
@@ -105,14 +111,8 @@ def rebuild(graph: Graph, make: Callable[[Op], tuple], name: str) -> keras.Model
     ]
     values = dict(zip(graph.input_keys, inputs, strict=True))
     for op in graph.ops:
-        layer, weights = make(op)
-        args, kwargs = op.node.arguments.fill_in(
-            {tid: values[key] for tid, key in op.local.items()}
-        )
-        outputs = keras.tree.flatten(layer(*args, **kwargs))
-        if weights is not None:
-            layer.set_weights(weights)
-        values.update(zip(op.outputs, outputs, strict=True))
+        if live is None or id(op) in live:
+            values.update(zip(op.outputs, emit(op, values), strict=True))
     outputs = [values[key] for key in graph.output_keys]
     return keras.Model(
         inputs if len(inputs) > 1 else inputs[0],

@@ -13,7 +13,9 @@ Every layer type maps to one `Rule` in a registry:
 - `Fixed` layers keep every channel of their inputs and outputs.
 
 A rule's `edges` list coupled channel pairs as
-`(input index, input channels, output index, output channels)`.
+`(input index, input channels, output index, output channels)`; its
+`constant` says which output channels are constant whatever the input (a cut
+filter emits act(β) after BN and bias), given which input channels are.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ class Rule:
     def edges(self, op, shapes) -> list[tuple]:
         return []
 
+    def constant(self, op, const_in: list[np.ndarray], shapes) -> list[np.ndarray]:
+        """Bool per output channel: True where it cannot depend on the input."""
+        return [np.zeros(shapes[key][-1], bool) for key in op.outputs]
+
     def rebuild(self, op, present_in, present_out):
         """Returns `(new_layer, weights or None)` for the kept channels."""
         weights = _weights(op.layer) if isinstance(op.layer, keras.layers.Layer) else None
@@ -57,10 +63,20 @@ class Passthrough(Rule):
         channels = np.arange(shapes[op.inputs[0]][-1])
         return [(0, channels, 0, channels)]
 
+    def constant(self, op, const_in, shapes):
+        return [const_in[0].copy()]
+
     def rebuild(self, op, present_in, present_out):
         keep = present_in[0]
         weights = [w[..., keep] for w in _weights(op.layer)]
         return copy_layer(op.layer), weights or None
+
+
+class Padding(Passthrough):
+    """Zero padding: a constant channel gets a zero border, so is not constant."""
+
+    def constant(self, op, const_in, shapes):
+        return Rule.constant(self, op, const_in, shapes)
 
 
 class Merge(Rule):
@@ -69,6 +85,54 @@ class Merge(Rule):
     def edges(self, op, shapes):
         channels = np.arange(shapes[op.outputs[0]][-1])
         return [(i, channels, 0, channels) for i in range(len(op.inputs))]
+
+    def constant(self, op, const_in, shapes):
+        return [np.logical_and.reduce(const_in)]
+
+    def constant_inputs(self, op, const_in, shapes) -> list[int]:
+        """Inputs constant everywhere that `without_constants` can drop.
+
+        `x + c`, `x - c`, `c - x`, `mean(x, c)` and `x * c` are `x * scale +
+        offset`; dropping the constant input removes the branch behind it (a
+        residual branch whose layer was cut). Maximum and Minimum keep theirs.
+        """
+        drop = [i for i, const in enumerate(const_in) if const.all()]
+        rest = [key for i, key in enumerate(op.inputs) if i not in drop]
+        if type(op.layer).__name__ not in _AFFINE_MERGES or not drop or not rest:
+            return []
+        if any(shapes[key] != shapes[op.outputs[0]] for key in rest):
+            return []  # the kept inputs must not rely on broadcasting
+        return drop
+
+    def without_constants(self, op, tensors, drop, values):
+        """Rebuilds the merge on `tensors`, folding constant inputs `values`.
+
+        Args:
+            op: The merge's `Op`.
+            tensors: The new tensors of the inputs that stay.
+            drop: Indices of the dropped inputs.
+            values: Their per-channel values, over the kept output channels.
+        """
+        kind, n, k = type(op.layer).__name__, len(op.inputs), len(tensors)
+        x = tensors[0] if k == 1 else copy_layer(op.layer)(tensors)
+        scale, offset = np.float64(1.0), np.sum(values, axis=0)
+        if kind == "Subtract" and drop == [0]:
+            scale = np.float64(-1.0)
+        elif kind == "Subtract":
+            offset = -offset
+        elif kind == "Average":
+            scale, offset = np.float64(k / n), offset / n
+        elif kind == "Multiply":
+            scale, offset = np.prod(values, axis=0), np.zeros_like(offset)
+        if np.all(scale == 1) and not np.any(offset):
+            return x
+        as_config = lambda v: float(v) if np.ndim(v) == 0 else v.astype("float32")  # noqa: E731
+        return L.Rescaling(
+            scale=as_config(scale), offset=as_config(offset), name=f"{op.layer.name}_const"
+        )(x)
+
+
+_AFFINE_MERGES = {"Add", "Subtract", "Average", "Multiply"}
 
 
 class Concat(Rule):
@@ -80,6 +144,9 @@ class Concat(Rule):
             offset += size
         return out
 
+    def constant(self, op, const_in, shapes):
+        return [np.concatenate(const_in)]
+
 
 class FlattenRule(Rule):
     """Channels-last Flatten: input channel `c` → outputs `p * C + c`."""
@@ -89,6 +156,9 @@ class FlattenRule(Rule):
         total = shapes[op.outputs[0]][-1]
         outputs = np.arange(total)
         return [(0, outputs % channels, 0, outputs)]
+
+    def constant(self, op, const_in, shapes):
+        return [np.tile(const_in[0], shapes[op.outputs[0]][-1] // len(const_in[0]))]
 
 
 class ReshapeRule(Passthrough):
@@ -118,7 +188,14 @@ class DepthwiseRule(Rule):
 
 
 class Boundary(Rule):
-    """Layers that mix channels: outputs and inputs shrink independently."""
+    """Layers that mix channels: outputs and inputs shrink independently.
+
+    A boundary layer may drop input channels that are constant: exactly when
+    their value is 0 (the same as zero padding), and for any value when the
+    layer `folds` constants, i.e. every output position sees the whole kernel
+    (Dense, 1×1 and `valid` convolutions), so that `fold` moves their
+    contribution into the bias.
+    """
 
     boundary = True
 
@@ -126,19 +203,52 @@ class Boundary(Rule):
         """Bool `(C_in, C_out)`: True where output `o` reads input `i`."""
         raise NotImplementedError
 
+    def folds(self, layer) -> bool:
+        return False
+
+    def fold(self, layer, values: np.ndarray) -> np.ndarray:
+        """Output-channel bias that constant inputs `values` contribute."""
+        raise NotImplementedError
+
+    def constant(self, op, const_in, shapes, conn=None):
+        conn = self.connectivity(op.layer) if conn is None else conn
+        if self.folds(op.layer):
+            conn = conn & ~const_in[0][:, None]
+        return [~conn.any(axis=0)]
+
+    @staticmethod
+    def _with_bias(op, weights, keep_out, bias, **updates):
+        """Adds `bias[keep_out]` to the layer's bias, creating one if needed."""
+        layer = op.layer
+        if bias is not None and np.any(bias[keep_out]):
+            extra = bias[keep_out].astype(weights[0].dtype)
+            if layer.use_bias:
+                weights[1] = weights[1] + extra
+            else:
+                updates["use_bias"] = True
+                weights.append(extra)
+        return copy_layer(layer, **updates), weights
+
 
 class ConvRule(Boundary):
     def connectivity(self, layer):
         kernel = np.asarray(layer.kernel)
         return np.any(kernel != 0, axis=tuple(range(kernel.ndim - 2)))
 
-    def rebuild(self, op, present_in, present_out):
+    def folds(self, layer):
+        return layer.padding == "valid" or all(k == 1 for k in layer.kernel_size)
+
+    def fold(self, layer, values):
+        kernel = np.asarray(layer.kernel, "float64")
+        return values @ kernel.sum(axis=tuple(range(kernel.ndim - 2)))
+
+    def rebuild(self, op, present_in, present_out, bias=None):
         keep_in, keep_out = present_in[0], present_out[0]
         weights = _weights(op.layer)
         weights[0] = weights[0][..., keep_in, :][..., keep_out]
         if op.layer.use_bias:
             weights[1] = weights[1][keep_out]
-        return copy_layer(op.layer, filters=int(keep_out.sum())), weights
+        return self._with_bias(op, weights, keep_out, bias, filters=int(keep_out.sum()))
 
 
 class ConvTransposeRule(Boundary):
@@ -146,7 +256,7 @@ class ConvTransposeRule(Boundary):
         kernel = np.asarray(layer.kernel)  # (*k, out, in)
         return np.any(kernel != 0, axis=tuple(range(kernel.ndim - 2))).T
 
-    def rebuild(self, op, present_in, present_out):
+    def rebuild(self, op, present_in, present_out, bias=None):
         keep_in, keep_out = present_in[0], present_out[0]
         weights = _weights(op.layer)
         weights[0] = weights[0][..., keep_out, :][..., keep_in]
@@ -159,13 +269,19 @@ class DenseRule(Boundary):
     def connectivity(self, layer):
         return np.asarray(layer.kernel) != 0
 
-    def rebuild(self, op, present_in, present_out):
+    def folds(self, layer):
+        return True
+
+    def fold(self, layer, values):
+        return values @ np.asarray(layer.kernel, "float64")
+
+    def rebuild(self, op, present_in, present_out, bias=None):
         keep_in, keep_out = present_in[0], present_out[0]
         weights = _weights(op.layer)
         weights[0] = weights[0][keep_in][:, keep_out]
         if op.layer.use_bias:
             weights[1] = weights[1][keep_out]
-        return copy_layer(op.layer, units=int(keep_out.sum())), weights
+        return self._with_bias(op, weights, keep_out, bias, units=int(keep_out.sum()))
 
 
 class SeparableRule(Boundary):
@@ -177,7 +293,7 @@ class SeparableRule(Boundary):
         c_in, m = reads.shape
         return np.any(reads.reshape(c_in, m, 1) & mixes.reshape(c_in, m, -1), axis=1)
 
-    def rebuild(self, op, present_in, present_out):
+    def rebuild(self, op, present_in, present_out, bias=None):
         keep_in, keep_out = present_in[0], present_out[0]
         m = op.layer.depth_multiplier
         weights = _weights(op.layer)
@@ -195,7 +311,7 @@ PASSTHROUGH = (
     L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
     L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
     L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
-    L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D, L.Cropping1D, L.Cropping2D,
+    L.Cropping1D, L.Cropping2D,
     L.Cropping3D, L.UpSampling1D, L.UpSampling2D, L.UpSampling3D, L.Identity,
     L.Activation,
 )
@@ -213,6 +329,7 @@ def register_rule(rule: Rule, *layer_types: type) -> None:
 
 
 register_rule(Passthrough(), *PASSTHROUGH)
+register_rule(Padding(), L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D)
 register_rule(Merge(), *MERGES)
 register_rule(Concat(), L.Concatenate)
 register_rule(FlattenRule(), L.Flatten)

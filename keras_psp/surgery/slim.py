@@ -11,25 +11,48 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from keras_psp.cloning import check_graph_model, psp_layers, strip
+from keras_psp.surgery.constants import check_cut_layers, find_constants, probe_values
 from keras_psp.surgery.graph import Graph, flatten, rebuild
-from keras_psp.surgery.rules import Rule, rule_for
+from keras_psp.surgery.rules import Merge, Rule, rule_for
 
 
 @dataclasses.dataclass
 class ChannelPlan:
-    """Which channels of every tensor survive surgery.
+    """Which channels of every tensor survive surgery, and how ops change.
 
     Attributes:
         graph: The flat graph of the (stripped) model.
         rules: The rule of each op, in graph order.
         present: For each tensor key, a bool array over its channels.
         barriers: Names of unknown layers whose channels were all kept.
+        live: `id`s of the ops the outputs still depend on.
+        own: For each boundary op, the input channels it still reads (a subset
+            of the present ones when other consumers keep the rest).
+        folded: For each boundary op, the constant values of the input
+            channels it drops (0 elsewhere), to fold into its bias.
+        dropped: For each merge, the constant inputs it drops.
+        values: Per-channel values of the constant tensors surgery folds.
     """
 
     graph: Graph
     rules: list[Rule]
     present: dict[int, np.ndarray]
     barriers: list[str]
+    live: set[int]
+    own: dict[int, np.ndarray]
+    folded: dict[int, np.ndarray]
+    dropped: dict[int, list[int]]
+    values: dict[int, np.ndarray]
+
+
+def _live_ops(graph: Graph, dropped: dict[int, list[int]]) -> set[int]:
+    used, live = set(graph.output_keys), set()
+    for op in reversed(graph.ops):
+        if used.intersection(op.outputs):
+            live.add(id(op))
+            skip = dropped.get(id(op), ())
+            used.update(k for i, k in enumerate(op.inputs) if i not in skip)
+    return live
 
 
 def plan_channels(graph: Graph) -> ChannelPlan:
@@ -38,66 +61,137 @@ def plan_channels(graph: Graph) -> ChannelPlan:
     Channels coupled by a rule (through BN, merges, concatenation, ...) form
     groups, found as the connected components of the coupling graph. A group
     stays when any of its channels is required: read by a kept output of a
-    boundary layer (non-zero weights), a model input or output, or a tensor of
-    a fixed layer. Dropping outputs of boundary layers can free their inputs,
-    so the search repeats until nothing changes.
+    boundary layer (non-zero weights) unless it is a constant the layer can
+    fold, a model input or output, or a tensor of a fixed layer. Dropping
+    outputs of boundary layers can free their inputs, so the search repeats
+    until nothing changes. Merges drop inputs that are constant everywhere
+    (a cut residual branch), and ops nothing depends on any more disappear.
     """
     shapes = graph.shapes
+    rules, barriers, conn = [], [], {}
+    for op in graph.ops:
+        rule, known = rule_for(op, shapes)
+        rules.append(rule)
+        if rule.fixed and not known:
+            barriers.append(op.layer.name)
+        if rule.boundary:
+            conn[id(op)] = rule.connectivity(op.layer)
+    check_cut_layers(graph, conn)
+    const = find_constants(graph, rules, conn)
+    const_in = {id(op): [const[k] for k in op.inputs] for op in graph.ops}
+    dropped = {}
+    for op, rule in zip(graph.ops, rules, strict=True):
+        if isinstance(rule, Merge):
+            drop = rule.constant_inputs(op, const_in[id(op)], shapes)
+            if drop:
+                dropped[id(op)] = drop
+    live = _live_ops(graph, dropped)
+    ops = [(op, rule) for op, rule in zip(graph.ops, rules, strict=True) if id(op) in live]
+
+    wanted = [op.inputs[i] for op, _ in ops for i in dropped.get(id(op), ())]
+    wanted += [op.inputs[0] for op, rule in ops if rule.boundary and const[op.inputs[0]].any()]
+    values = probe_values(graph, wanted)
+    droppable = {}
+    for op, rule in ops:
+        if rule.boundary:
+            key = op.inputs[0]
+            can = const[key].copy()
+            if can.any() and not rule.folds(op.layer):
+                can &= values[key] == 0  # a zero channel reads like zero padding
+            droppable[id(op)] = can
+
     keys = list(shapes)
     offset, total = {}, 0
     for key in keys:
         offset[key] = total
         total += int(shapes[key][-1])
 
-    rules, barriers, rows, cols = [], [], [], []
+    def span(key):
+        return slice(offset[key], offset[key] + shapes[key][-1])
+
+    rows, cols = [], []
     required = np.zeros(total, bool)
     for key in graph.input_keys + graph.output_keys:
-        required[offset[key] : offset[key] + shapes[key][-1]] = True
-    for op in graph.ops:
-        rule, known = rule_for(op, shapes)
-        rules.append(rule)
+        required[span(key)] = True
+    for op, rule in ops:
         if rule.fixed:
             for key in op.inputs + op.outputs:
-                required[offset[key] : offset[key] + shapes[key][-1]] = True
-            if not known:
-                barriers.append(op.layer.name)
+                required[span(key)] = True
+        skip = dropped.get(id(op), ())
         for i, ch_in, o, ch_out in rule.edges(op, shapes):
-            rows.append(offset[op.inputs[i]] + ch_in)
-            cols.append(offset[op.outputs[o]] + ch_out)
+            if i not in skip:
+                rows.append(offset[op.inputs[i]] + ch_in)
+                cols.append(offset[op.outputs[o]] + ch_out)
     rows = np.concatenate(rows) if rows else np.zeros(0, int)
     cols = np.concatenate(cols) if cols else np.zeros(0, int)
     adjacency = coo_matrix((np.ones(len(rows), bool), (rows, cols)), shape=(total, total))
     _, labels = connected_components(adjacency, directed=False)
 
-    boundaries = [
-        (op, rule, rule.connectivity(op.layer))
-        for op, rule in zip(graph.ops, rules, strict=True)
-        if rule.boundary
-    ]
+    boundaries = [(op, conn[id(op)], droppable[id(op)]) for op, rule in ops if rule.boundary]
+
+    def reads(op, matrix, can, present):
+        kept_out = present[span(op.outputs[0])]
+        used = matrix[:, kept_out].any(axis=1) & ~can
+        if not used.any():  # keep one channel so the layer still has an input
+            used[0] = True
+        return used
+
     present = np.ones(total, bool)
     while True:
         needed = required.copy()
-        for op, _, conn in boundaries:
-            start = offset[op.outputs[0]]
-            kept_out = present[start : start + conn.shape[1]]
-            reads = conn[:, kept_out].any(axis=1)
-            if not reads.any():  # keep one channel so the layer still has an input
-                reads[0] = True
-            start = offset[op.inputs[0]]
-            needed[start : start + conn.shape[0]] |= reads
+        for op, matrix, can in boundaries:
+            needed[span(op.inputs[0])] |= reads(op, matrix, can, present)
         group_kept = np.zeros(labels.max() + 1, bool)
         group_kept[labels[needed]] = True
         new_present = group_kept[labels]
         for key in keys:  # no tensor may lose every channel
-            view = new_present[offset[key] : offset[key] + shapes[key][-1]]
-            if not view.any():
+            if not new_present[span(key)].any():
                 group_kept[labels[offset[key]]] = True
                 new_present = group_kept[labels]
         if np.array_equal(new_present, present):
             break
         present = new_present
-    per_tensor = {k: present[offset[k] : offset[k] + shapes[k][-1]] for k in keys}
-    return ChannelPlan(graph, rules, per_tensor, barriers)
+
+    own, folded = {}, {}
+    for op, matrix, can in boundaries:
+        key = op.inputs[0]
+        own[id(op)] = present[span(key)] & reads(op, matrix, can, present)
+        dropped_const = const[key] & ~own[id(op)]
+        if dropped_const.any():
+            folded[id(op)] = np.where(dropped_const, values[key], 0.0)
+    per_tensor = {k: present[span(k)] for k in keys}
+    return ChannelPlan(graph, rules, per_tensor, barriers, live, own, folded, dropped, values)
+
+
+def _emit(plan: ChannelPlan, rule: Rule, op, values: dict) -> list:
+    """Builds the slim version of `op` on the new tensors in `values`."""
+    present_in = [plan.present[k] for k in op.inputs]
+    present_out = [plan.present[k] for k in op.outputs]
+    mapping = {tid: values[key] for tid, key in op.local.items()}
+    if id(op) in plan.dropped:
+        drop = plan.dropped[id(op)]
+        keep_out = present_out[0]
+        tensors = [values[k] for i, k in enumerate(op.inputs) if i not in drop]
+        consts = [plan.values[op.inputs[i]][keep_out] for i in drop]
+        return [rule.without_constants(op, tensors, drop, consts)]
+    if rule.boundary:
+        own = plan.own[id(op)]
+        if not np.array_equal(own, present_in[0]):
+            index = np.flatnonzero(own[present_in[0]]).astype("int32")
+            source = values[op.inputs[0]]
+            gathered = keras.ops.take(source, index, axis=-1)
+            mapping = {tid: gathered if v is source else v for tid, v in mapping.items()}
+        bias = None
+        if id(op) in plan.folded and rule.folds(op.layer):
+            bias = rule.fold(op.layer, plan.folded[id(op)])
+        layer, weights = rule.rebuild(op, [own], present_out, bias=bias)
+    else:
+        layer, weights = rule.rebuild(op, present_in, present_out)
+    args, kwargs = op.node.arguments.fill_in(mapping)
+    outputs = keras.tree.flatten(layer(*args, **kwargs))
+    if weights is not None:
+        layer.set_weights(weights)
+    return outputs
 
 
 def slim(model: keras.Model, check_inputs=None, atol: float = 1e-4) -> keras.Model:
@@ -137,14 +231,12 @@ def slim(model: keras.Model, check_inputs=None, atol: float = 1e-4) -> keras.Mod
         )
 
     rule_of = {id(op): rule for op, rule in zip(graph.ops, plan.rules, strict=True)}
-
-    def make(op):
-        rule = rule_of[id(op)]
-        present_in = [plan.present[k] for k in op.inputs]
-        present_out = [plan.present[k] for k in op.outputs]
-        return rule.rebuild(op, present_in, present_out)
-
-    small = rebuild(graph, make, name=f"{model.name}_slim")
+    small = rebuild(
+        graph,
+        lambda op, values: _emit(plan, rule_of[id(op)], op, values),
+        name=f"{model.name}_slim",
+        live=plan.live,
+    )
     if check_inputs is not None:
         from keras_psp.verify import verify
 

@@ -1,0 +1,213 @@
+"""Cost of a model: multiply-accumulates (`count_flops`) and parameters.
+
+Like the pruning literature, "FLOPs" here are the multiply-accumulates (MACs)
+of convolution and dense layers for one example; batch normalization,
+activations, pooling, merges and biases count zero. TensorFlow's profiler
+counts 2 FLOPs per MAC, so its conv/matmul total is twice `count_flops`.
+
+Each layer type has one small MAC function in a registry (`register_macs`),
+applied to every call of the layer in the model's functional graph, so nested
+models and layers called more than once are counted per call.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import keras
+from keras.src.layers.convolutional.base_conv import BaseConv
+from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
+from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
+from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
+from keras.src.models.functional import Functional
+
+from keras_psp.cloning import check_graph_model
+from keras_psp.surgery.graph import flatten
+from keras_psp.wrapper import PSP
+
+MacFunction = Callable[[keras.layers.Layer, tuple, tuple], int]
+_REGISTRY: dict[type, MacFunction] = {}
+
+# Layers with weights but (by the convention above) no MACs: no warning.
+ZERO_MAC_TYPES = (
+    keras.layers.BatchNormalization,
+    keras.layers.LayerNormalization,
+    keras.layers.GroupNormalization,
+    keras.layers.Normalization,
+    keras.layers.Embedding,
+    keras.layers.PReLU,
+)
+
+
+def register_macs(*layer_types: type) -> Callable[[MacFunction], MacFunction]:
+    """Registers `fn(layer, input_shape, output_shape) -> MACs` for layer types.
+
+    Shapes are those of one call, batch dimension first. Subclasses of a
+    registered type use its function unless they have their own.
+
+    Example:
+
+    ```python
+    @keras_psp.flops.register_macs(MyConv)
+    def _my_conv(layer, input_shape, output_shape):
+        return math.prod(output_shape[1:]) * layer.kernel.shape[0]
+    ```
+    """
+
+    def decorator(fn: MacFunction) -> MacFunction:
+        for layer_type in layer_types:
+            _REGISTRY[layer_type] = fn
+        return fn
+
+    return decorator
+
+
+def _split(layer, shape: tuple) -> tuple[int, int]:
+    """(number of spatial positions, channels) of a conv input or output."""
+    if getattr(layer, "data_format", "channels_last") == "channels_first":
+        spatial, channels = shape[2:], shape[1]
+    else:
+        spatial, channels = shape[1:-1], shape[-1]
+    return math.prod(spatial), int(channels)
+
+
+@register_macs(BaseConv)
+def _conv(layer, input_shape, output_shape):
+    positions, _ = _split(layer, output_shape)
+    _, channels = _split(layer, input_shape)
+    kernel = math.prod(layer.kernel_size)
+    return positions * kernel * (channels // layer.groups) * layer.filters
+
+
+@register_macs(BaseConvTranspose)
+def _conv_transpose(layer, input_shape, output_shape):
+    # Every input position scatters one kernel per filter.
+    positions, channels = _split(layer, input_shape)
+    return positions * math.prod(layer.kernel_size) * channels * layer.filters
+
+
+@register_macs(BaseDepthwiseConv)
+def _depthwise(layer, input_shape, output_shape):
+    positions, _ = _split(layer, output_shape)
+    _, channels = _split(layer, input_shape)
+    kernel = math.prod(layer.kernel_size)
+    return positions * kernel * channels * layer.depth_multiplier
+
+
+@register_macs(BaseSeparableConv)
+def _separable(layer, input_shape, output_shape):
+    positions, _ = _split(layer, output_shape)
+    _, channels = _split(layer, input_shape)
+    depthwise = channels * layer.depth_multiplier
+    kernel = math.prod(layer.kernel_size)
+    return positions * depthwise * (kernel + layer.filters)
+
+
+@register_macs(keras.layers.Dense)
+def _dense(layer, input_shape, output_shape):
+    return math.prod(input_shape[1:-1]) * int(input_shape[-1]) * layer.units
+
+
+def _mac_function(layer) -> MacFunction | None:
+    for cls in type(layer).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    return None
+
+
+def _check(model, action: str) -> None:
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"Cannot {action} {model!r}: expected a keras.Model.")
+    if not isinstance(model, (keras.Sequential, Functional)):
+        raise TypeError(
+            f"Cannot {action} model '{model.name}': it is a subclassed model "
+            f"({type(model).__name__}) with no functional graph. Rebuild it "
+            "with the functional API or as a keras.Sequential."
+        )
+    check_graph_model(model, action)
+
+
+def count_flops(model: keras.Model, pruned: bool = False) -> int:
+    """Multiply-accumulates of one example through `model` ("FLOPs").
+
+    Counts the MACs of convolutions (all kinds, grouped included) and `Dense`
+    layers, per call, on the shapes of the model's functional graph; other
+    layers count zero (the pruning literature's convention). A PSP wrapper
+    counts as the layer it wraps. Layers with weights of an unregistered type
+    count zero, with one warning naming them (see `register_macs`).
+
+    Args:
+        model: A built Sequential or functional model with fixed input shape
+            (batch dimension excepted); nested models are counted inline.
+        pruned: If True, count the model that `keras_psp.slim(model)` returns,
+            i.e. the cost after pruning instead of the dense cost.
+
+    Returns:
+        The number of multiply-accumulates per example, an int.
+
+    Example:
+
+    ```python
+    model = keras_psp.models.cifar_resnet(56)
+    keras_psp.count_flops(model)                # 125_747_840
+    keras_psp.count_flops(wrapped, pruned=True)  # after slim
+    ```
+    """
+    _check(model, "count the FLOPs of")
+    if pruned:
+        from keras_psp.surgery.slim import slim
+
+        return count_flops(slim(model))
+    graph = flatten(model)
+    total, unknown = 0, []
+    for op in graph.ops:
+        layer = op.layer.layer if isinstance(op.layer, PSP) else op.layer
+        fn = _mac_function(layer)
+        if fn is None:
+            if layer.weights and not isinstance(layer, ZERO_MAC_TYPES):
+                unknown.append(f"'{layer.name}' ({type(layer).__name__})")
+            continue
+        input_shape = graph.shapes[op.inputs[0]]
+        output_shape = graph.shapes[op.outputs[0]]
+        if None in input_shape[1:] or None in output_shape[1:]:
+            raise ValueError(
+                f"Cannot count the FLOPs of layer '{layer.name}' in model "
+                f"'{model.name}': its input shape {input_shape} is not fixed. "
+                "Build the model on a fixed input shape (batch size aside)."
+            )
+        total += int(fn(layer, input_shape, output_shape))
+    if unknown:
+        warnings.warn(
+            f"count_flops counted 0 MACs for layers of unknown type with "
+            f"weights: {', '.join(dict.fromkeys(unknown))}. Register their cost "
+            "with keras_psp.flops.register_macs.",
+            stacklevel=2,
+        )
+    return total
+
+
+def count_params(model: keras.Model, pruned: bool = False) -> int:
+    """Number of parameters of `model` (`model.count_params()`).
+
+    Args:
+        model: A built Sequential or functional model. For a PSP-wrapped model
+            the α scales count too.
+        pruned: If True, count the model that `keras_psp.slim(model)` returns.
+
+    Returns:
+        The number of parameters, an int.
+
+    Example:
+
+    ```python
+    keras_psp.count_params(wrapped, pruned=True)   # parameters after slim
+    ```
+    """
+    _check(model, "count the parameters of")
+    if pruned:
+        from keras_psp.surgery.slim import slim
+
+        return int(slim(model).count_params())
+    return int(model.count_params())
