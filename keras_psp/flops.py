@@ -5,9 +5,8 @@ of convolution and dense layers for one example; batch normalization,
 activations, pooling, merges and biases count zero. TensorFlow's profiler
 counts 2 FLOPs per MAC, so its conv/matmul total is twice `count_flops`.
 
-Each layer type has one small MAC function in a registry (`register_macs`),
-applied to every call of the layer in the model's functional graph, so nested
-models and layers called more than once are counted per call.
+Each layer type has one MAC function in a registry (`register_macs`), applied
+to every call in the model's flat functional graph (nested models inlined).
 """
 
 from __future__ import annotations
@@ -31,13 +30,10 @@ MacFunction = Callable[[keras.layers.Layer, tuple, tuple], int]
 _REGISTRY: dict[type, MacFunction] = {}
 
 # Layers with weights but (by the convention above) no MACs: no warning.
-ZERO_MAC_TYPES = (
-    keras.layers.BatchNormalization,
-    keras.layers.LayerNormalization,
-    keras.layers.GroupNormalization,
-    keras.layers.Normalization,
-    keras.layers.Embedding,
-    keras.layers.PReLU,
+ZERO_MAC_TYPES = tuple(
+    getattr(keras.layers, name)
+    for name in ("BatchNormalization", "LayerNormalization", "GroupNormalization")
+    + ("Normalization", "Embedding", "PReLU")
 )
 
 
@@ -57,8 +53,7 @@ def register_macs(*layer_types: type) -> Callable[[MacFunction], MacFunction]:
     """
 
     def decorator(fn: MacFunction) -> MacFunction:
-        for layer_type in layer_types:
-            _REGISTRY[layer_type] = fn
+        _REGISTRY.update(dict.fromkeys(layer_types, fn))
         return fn
 
     return decorator
@@ -67,17 +62,19 @@ def register_macs(*layer_types: type) -> Callable[[MacFunction], MacFunction]:
 def _split(layer, shape: tuple) -> tuple[int, int]:
     """(number of spatial positions, channels) of a conv input or output."""
     if getattr(layer, "data_format", "channels_last") == "channels_first":
-        spatial, channels = shape[2:], shape[1]
-    else:
-        spatial, channels = shape[1:-1], shape[-1]
-    return math.prod(spatial), int(channels)
+        return math.prod(shape[2:]), int(shape[1])
+    return math.prod(shape[1:-1]), int(shape[-1])
+
+
+def _terms(layer, input_shape, output_shape) -> tuple[int, int, int]:
+    """(output positions, input channels, kernel positions) of a convolution."""
+    positions = _split(layer, output_shape)[0]
+    return positions, _split(layer, input_shape)[1], math.prod(layer.kernel_size)
 
 
 @register_macs(BaseConv)
 def _conv(layer, input_shape, output_shape):
-    positions, _ = _split(layer, output_shape)
-    _, channels = _split(layer, input_shape)
-    kernel = math.prod(layer.kernel_size)
+    positions, channels, kernel = _terms(layer, input_shape, output_shape)
     return positions * kernel * (channels // layer.groups) * layer.filters
 
 
@@ -90,19 +87,15 @@ def _conv_transpose(layer, input_shape, output_shape):
 
 @register_macs(BaseDepthwiseConv)
 def _depthwise(layer, input_shape, output_shape):
-    positions, _ = _split(layer, output_shape)
-    _, channels = _split(layer, input_shape)
-    kernel = math.prod(layer.kernel_size)
+    positions, channels, kernel = _terms(layer, input_shape, output_shape)
     return positions * kernel * channels * layer.depth_multiplier
 
 
 @register_macs(BaseSeparableConv)
 def _separable(layer, input_shape, output_shape):
-    positions, _ = _split(layer, output_shape)
-    _, channels = _split(layer, input_shape)
-    depthwise = channels * layer.depth_multiplier
-    kernel = math.prod(layer.kernel_size)
-    return positions * depthwise * (kernel + layer.filters)
+    positions, channels, kernel = _terms(layer, input_shape, output_shape)
+    # Depthwise (kernel MACs per channel), then pointwise (filters per channel).
+    return positions * channels * layer.depth_multiplier * (kernel + layer.filters)
 
 
 @register_macs(keras.layers.Dense)
@@ -111,10 +104,7 @@ def _dense(layer, input_shape, output_shape):
 
 
 def _mac_function(layer) -> MacFunction | None:
-    for cls in type(layer).__mro__:
-        if cls in _REGISTRY:
-            return _REGISTRY[cls]
-    return None
+    return next((_REGISTRY[c] for c in type(layer).__mro__ if c in _REGISTRY), None)
 
 
 def _check(model, action: str) -> None:
@@ -122,9 +112,8 @@ def _check(model, action: str) -> None:
         raise TypeError(f"Cannot {action} {model!r}: expected a keras.Model.")
     if not isinstance(model, (keras.Sequential, Functional)):
         raise TypeError(
-            f"Cannot {action} model '{model.name}': it is a subclassed model "
-            f"({type(model).__name__}) with no functional graph. Rebuild it "
-            "with the functional API or as a keras.Sequential."
+            f"Cannot {action} model '{model.name}': a subclassed model ({type(model).__name__}) "
+            "has no functional graph. Rebuild it with the functional API or keras.Sequential."
         )
     check_graph_model(model, action)
 
@@ -141,8 +130,7 @@ def count_flops(model: keras.Model, pruned: bool = False) -> int:
     Args:
         model: A built Sequential or functional model with fixed input shape
             (batch dimension excepted); nested models are counted inline.
-        pruned: If True, count the model that `keras_psp.slim(model)` returns,
-            i.e. the cost after pruning instead of the dense cost.
+        pruned: If True, count the model that `keras_psp.slim(model)` returns.
 
     Returns:
         The number of multiply-accumulates per example, an int.
@@ -166,23 +154,21 @@ def count_flops(model: keras.Model, pruned: bool = False) -> int:
         layer = op.layer.layer if isinstance(op.layer, PSP) else op.layer
         fn = _mac_function(layer)
         if fn is None:
-            if layer.weights and not isinstance(layer, ZERO_MAC_TYPES):
+            if getattr(layer, "weights", None) and not isinstance(layer, ZERO_MAC_TYPES):
                 unknown.append(f"'{layer.name}' ({type(layer).__name__})")
             continue
-        input_shape = graph.shapes[op.inputs[0]]
-        output_shape = graph.shapes[op.outputs[0]]
+        input_shape, output_shape = graph.shapes[op.inputs[0]], graph.shapes[op.outputs[0]]
         if None in input_shape[1:] or None in output_shape[1:]:
             raise ValueError(
-                f"Cannot count the FLOPs of layer '{layer.name}' in model "
-                f"'{model.name}': its input shape {input_shape} is not fixed. "
-                "Build the model on a fixed input shape (batch size aside)."
+                f"Cannot count the FLOPs of layer '{layer.name}': its input shape "
+                f"{input_shape} is not fixed. Build the model on a fixed input shape."
             )
         total += int(fn(layer, input_shape, output_shape))
     if unknown:
+        names = ", ".join(dict.fromkeys(unknown))
         warnings.warn(
-            f"count_flops counted 0 MACs for layers of unknown type with "
-            f"weights: {', '.join(dict.fromkeys(unknown))}. Register their cost "
-            "with keras_psp.flops.register_macs.",
+            f"count_flops counted 0 MACs for layers of unknown type with weights: "
+            f"{names}. Register their cost with keras_psp.flops.register_macs.",
             stacklevel=2,
         )
     return total
