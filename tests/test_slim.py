@@ -12,6 +12,8 @@ from keras_psp import slim, verify, wrap
 from keras_psp.cloning import iter_layers, psp_layers
 from keras_psp.models import cifar_resnet
 
+pytestmark = pytest.mark.filterwarnings("ignore:wrap. the α of")
+
 STOCK = tuple(
     getattr(L, name) for name in dir(L) if isinstance(getattr(L, name), type)
 )
@@ -200,3 +202,108 @@ def test_slim_model_loads_without_keras_psp(tmp_path, rng):
     model = _prune_randomly(wrap(cifar_resnet(8, input_shape=(8, 8, 3))), rng)
     x = rng.random((3, 8, 8, 3)).astype("float32")
     assert_loads_without_keras_psp(slim(model), x, model.predict(x, verbose=0), tmp_path, rtol=1e-4)
+
+
+def _bn_with_offsets(model, rng):
+    """Random BN statistics: a cut filter then emits a non-zero act(β')."""
+    for layer in iter_layers(model):
+        if isinstance(layer, L.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights(
+                [rng.uniform(0.5, 1.5, n), rng.uniform(0.2, 1.0, n), rng.normal(size=n) * 0.1,
+                 rng.uniform(0.5, 1.5, n)]
+            )
+
+
+def _filter_cut_model(consumer_kernel, consumer_padding, rng):
+    inputs = keras.Input((6, 6, 3))
+    x = L.Conv2D(8, 3, padding="same", use_bias=False, name="producer")(inputs)
+    x = L.BatchNormalization(name="bn")(x)
+    x = L.ReLU()(x)
+    x = L.Conv2D(5, consumer_kernel, padding=consumer_padding, name="consumer")(x)
+    model = keras.Model(inputs, L.Dense(3, name="fc")(L.Flatten()(x)))
+    wrapped = wrap(model, structure="filter", layers=["producer"])
+    alpha = np.ones(8, "float32")
+    alpha[[2, 3, 6]] = 0.0
+    wrapped.get_layer("producer").alpha.assign(alpha)
+    _bn_with_offsets(wrapped, rng)
+    return wrapped
+
+
+@pytest.mark.parametrize("kernel, padding", [(1, "same"), (3, "valid")])
+def test_cut_filters_constant_after_bn_fold_into_the_consumer_bias(kernel, padding, rng):
+    """A cut filter still emits relu(β') after BN: 1×1 and valid consumers see
+    it everywhere, so it leaves the model and its value moves to their bias."""
+    wrapped = _filter_cut_model(kernel, padding, rng)
+    small = _check(wrapped, rng.random((3, 6, 6, 3)).astype("float32"), rtol=1e-5)
+    assert small.get_layer("producer").filters == 5
+    assert small.get_layer("bn").gamma.shape == (5,)
+    assert small.get_layer("consumer").kernel.shape[-2] == 5
+
+
+def test_cut_filters_constant_before_same_padding_stay(rng):
+    """With `same` padding a constant channel differs at the border (zero
+    padding): removing it would be wrong, so it stays."""
+    wrapped = _filter_cut_model(3, "same", rng)
+    x = rng.random((3, 6, 6, 3)).astype("float32")
+    small = slim(wrapped)
+    reference = np.asarray(wrapped.predict(x, verbose=0))
+    assert verify(wrapped, small, x) <= 1e-5 * np.abs(reference).max()
+    assert small.get_layer("producer").filters == 8
+
+
+def test_zero_constant_channels_leave_even_before_same_padding(rng):
+    """Without bias or BN a cut filter is exactly zero, like the padding."""
+    inputs = keras.Input((6, 6, 3))
+    x = L.Conv2D(8, 3, padding="same", use_bias=False, name="producer")(inputs)
+    x = L.Conv2D(5, 3, padding="same", name="consumer")(L.ReLU()(x))
+    model = keras.Model(inputs, L.GlobalAveragePooling2D()(x))
+    wrapped = wrap(model, structure="filter", layers=["producer"])
+    wrapped.get_layer("producer").alpha.assign(np.array([1, 0, 1, 0, 0, 1, 1, 1], "float32"))
+    small = _check(wrapped, rng.random((2, 6, 6, 3)).astype("float32"), rtol=1e-5)
+    assert small.get_layer("producer").filters == 5
+
+
+@pytest.mark.parametrize("merge", [L.Add, L.Subtract, L.Average, L.Multiply, L.Maximum])
+def test_layer_cut_on_a_residual_branch_removes_the_branch(merge, rng):
+    model = cifar_resnet(8, input_shape=(8, 8, 3))
+    if merge is not L.Add:  # same network with another merge in the first block
+        config = model.get_config()
+        for layer in config["layers"]:
+            if layer["config"]["name"] == "s1b1_add":
+                layer["class_name"] = merge.__name__
+        model = keras.Model.from_config(config)
+    wrapped = wrap(model, structure="layer", layers=["s1b1b_conv"])
+    wrapped.get_layer("s1b1b_conv").alpha.assign(np.zeros(1, "float32"))
+    _bn_with_offsets(wrapped, rng)
+    x = rng.random((3, 8, 8, 3)).astype("float32")
+    small = _check(wrapped, x, rtol=1e-5)
+    names = {layer.name for layer in small.layers}
+    if merge is L.Maximum:  # max(x, c) is not affine in x: the branch stays
+        assert "s1b1a_conv" in names
+        return
+    assert not {"s1b1a_conv", "s1b1a_bn", "s1b1b_conv", "s1b1b_bn", "s1b1_add"} & names
+    rescale = small.get_layer("s1b1_add_const")  # x ∘ act(β') as x * scale + offset
+    assert isinstance(rescale, L.Rescaling)
+
+
+def test_layer_cut_with_zero_output_leaves_no_trace(rng):
+    model = wrap(cifar_resnet(8, input_shape=(8, 8, 3)), structure="layer", layers=["s1b1b_conv"])
+    model.get_layer("s1b1b_conv").alpha.assign(np.zeros(1, "float32"))  # fresh BN: β' = 0
+    small = _check(model, rng.random((2, 8, 8, 3)).astype("float32"), rtol=1e-5)
+    assert not any(name.startswith("s1b1_add") for name in (la.name for la in small.layers))
+
+
+def test_layer_cut_on_the_only_path_is_an_error():
+    model = wrap(cifar_resnet(8, input_shape=(8, 8, 3)), structure="layer", layers=["s2b1p_conv"])
+    model = wrap(model, structure="layer", layers=["s2b1b_conv"])
+    for name in ("s2b1p_conv", "s2b1b_conv"):  # both paths through stage 2's first block
+        model.get_layer(name).alpha.assign(np.zeros(1, "float32"))
+    with pytest.raises(ValueError, match="'s2b1b_conv', 's2b1p_conv'.*only path"):
+        slim(model)
+    model.get_layer("s2b1b_conv").alpha.assign(np.ones(1, "float32"))
+    assert slim(model) is not None  # one path left: fine
+    chain = wrap(cifar_resnet(8, input_shape=(8, 8, 3)), structure="layer", layers=["stem_conv"])
+    chain.get_layer("stem_conv").alpha.assign(np.zeros(1, "float32"))
+    with pytest.raises(ValueError, match="'stem_conv'.*only path"):
+        slim(chain)

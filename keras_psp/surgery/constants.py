@@ -29,27 +29,29 @@ def find_constants(graph: Graph, rules, conn: dict[int, np.ndarray]) -> dict[int
 
 
 def check_cut_layers(graph: Graph, conn: dict[int, np.ndarray]) -> None:
-    """Raises if a layer with every weight cut is on the only path to an output.
+    """Raises if layers with every weight cut block every path to an output.
 
     Such a model no longer depends on its input (a cut layer on a residual
     branch is fine: surgery removes the branch).
     """
-    by_id = {id(op): op for op in graph.ops}
-    for op_id, matrix in conn.items():
-        if matrix.any():
-            continue
-        cut = by_id[op_id]
-        reached = set(graph.input_keys)
-        for op in graph.ops:
-            if op is not cut and reached.intersection(op.inputs):
+    cut = {op_id for op_id, matrix in conn.items() if not matrix.any()}
+    if not cut:
+        return
+    reached, blocking = set(graph.input_keys), []
+    for op in graph.ops:
+        if reached.intersection(op.inputs):
+            if id(op) in cut:
+                blocking.append(op.layer.name)
+            else:
                 reached.update(op.outputs)
-        if not reached.issuperset(graph.output_keys):
-            raise ValueError(
-                f"slim: layer '{cut.layer.name}' has every structure cut (all its weights "
-                "are zero) and lies on the only path from the model's inputs to its "
-                "output, so the model no longer depends on its input. Lower the "
-                "threshold or the regularization strength, or do not wrap this layer."
-            )
+    if not reached.issuperset(graph.output_keys):
+        names = ", ".join(f"'{name}'" for name in blocking)
+        raise ValueError(
+            f"slim: layer(s) {names} have every structure cut (all weights zero) and lie "
+            "on the only path(s) from the model's inputs to its output, so the model no "
+            "longer depends on its input. Lower the threshold or the regularization "
+            "strength, or do not wrap these layers."
+        )
 
 
 def _probe_input(tensor) -> np.ndarray:
@@ -83,7 +85,7 @@ def probe_values(graph: Graph, keys) -> dict[int, np.ndarray]:
         args, kwargs = op.node.arguments.fill_in(
             {tid: values[key] for tid, key in op.local.items()}
         )
-        outputs = keras.tree.flatten(op.layer(*args, **kwargs))
+        outputs = keras.tree.flatten(op.source(*args, **kwargs))
         values.update(zip(op.outputs, outputs, strict=True))
     result = {}
     for key in keys:

@@ -23,6 +23,9 @@ class Op:
         inputs: Keys of the input tensors, in call order.
         outputs: Keys of the output tensors.
         local: Maps `id` of the call's own KerasTensors to graph keys.
+        arrays: Weights to use instead of `layer.get_weights()` (set by
+            `unwrap` for a PSP layer: its plain layer's weights, α folded).
+        source: The layer the model calls (a PSP wrapper after `unwrap`).
     """
 
     layer: keras.layers.Layer
@@ -30,6 +33,12 @@ class Op:
     inputs: list[int]
     outputs: list[int]
     local: dict[int, int]
+    arrays: list | None = None
+    source: object = None
+
+    def __post_init__(self):
+        if self.source is None:
+            self.source = self.layer
 
 
 @dataclasses.dataclass
@@ -90,6 +99,21 @@ def flatten(model: keras.Model) -> Graph:
     input_keys = [key_of(t) for t in fn.inputs]
     output_keys = visit(fn, input_keys)
     return Graph(model, input_keys, output_keys, ops, shapes)
+
+
+def unwrap(graph: Graph) -> Graph:
+    """Makes each PSP op look like its plain layer with α folded in.
+
+    Surgery then reads and copies plain layers without first cloning the
+    whole model (`strip`), which halves its cost.
+    """
+    from keras_psp.wrapper import PSP
+
+    for op in graph.ops:
+        if isinstance(op.layer, PSP):
+            op.arrays = op.layer.folded_weights()
+            op.layer = op.layer.layer
+    return graph
 
 
 def rebuild(

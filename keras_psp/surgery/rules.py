@@ -27,8 +27,11 @@ from keras import layers as L
 from keras_psp.cloning import copy_layer
 
 
-def _weights(layer) -> list[np.ndarray]:
-    return [np.asarray(w) for w in layer.get_weights()]
+def _weights(op) -> list[np.ndarray]:
+    """The op's weights as numpy arrays (a PSP layer's with α folded in)."""
+    if op.arrays is not None:
+        return [np.array(w) for w in op.arrays]
+    return [np.asarray(w) for w in op.layer.get_weights()]
 
 
 class Rule:
@@ -46,7 +49,7 @@ class Rule:
 
     def rebuild(self, op, present_in, present_out):
         """Returns `(new_layer, weights or None)` for the kept channels."""
-        weights = _weights(op.layer) if isinstance(op.layer, keras.layers.Layer) else None
+        weights = _weights(op) if isinstance(op.layer, keras.layers.Layer) else None
         return copy_layer(op.layer), weights or None
 
 
@@ -68,7 +71,7 @@ class Passthrough(Rule):
 
     def rebuild(self, op, present_in, present_out):
         keep = present_in[0]
-        weights = [w[..., keep] for w in _weights(op.layer)]
+        weights = [w[..., keep] for w in _weights(op)]
         return copy_layer(op.layer), weights or None
 
 
@@ -179,7 +182,7 @@ class DepthwiseRule(Rule):
 
     def rebuild(self, op, present_in, present_out):
         keep = present_in[0]
-        weights = _weights(op.layer)
+        weights = _weights(op)
         weights[0] = weights[0][..., keep, :]
         if op.layer.use_bias:
             m = op.layer.depth_multiplier
@@ -199,19 +202,19 @@ class Boundary(Rule):
 
     boundary = True
 
-    def connectivity(self, layer) -> np.ndarray:
+    def connectivity(self, op) -> np.ndarray:
         """Bool `(C_in, C_out)`: True where output `o` reads input `i`."""
         raise NotImplementedError
 
     def folds(self, layer) -> bool:
         return False
 
-    def fold(self, layer, values: np.ndarray) -> np.ndarray:
+    def fold(self, op, values: np.ndarray) -> np.ndarray:
         """Output-channel bias that constant inputs `values` contribute."""
         raise NotImplementedError
 
     def constant(self, op, const_in, shapes, conn=None):
-        conn = self.connectivity(op.layer) if conn is None else conn
+        conn = self.connectivity(op) if conn is None else conn
         if self.folds(op.layer):
             conn = conn & ~const_in[0][:, None]
         return [~conn.any(axis=0)]
@@ -231,20 +234,20 @@ class Boundary(Rule):
 
 
 class ConvRule(Boundary):
-    def connectivity(self, layer):
-        kernel = np.asarray(layer.kernel)
+    def connectivity(self, op):
+        kernel = _weights(op)[0]
         return np.any(kernel != 0, axis=tuple(range(kernel.ndim - 2)))
 
     def folds(self, layer):
         return layer.padding == "valid" or all(k == 1 for k in layer.kernel_size)
 
-    def fold(self, layer, values):
-        kernel = np.asarray(layer.kernel, "float64")
+    def fold(self, op, values):
+        kernel = _weights(op)[0].astype("float64")
         return values @ kernel.sum(axis=tuple(range(kernel.ndim - 2)))
 
     def rebuild(self, op, present_in, present_out, bias=None):
         keep_in, keep_out = present_in[0], present_out[0]
-        weights = _weights(op.layer)
+        weights = _weights(op)
         weights[0] = weights[0][..., keep_in, :][..., keep_out]
         if op.layer.use_bias:
             weights[1] = weights[1][keep_out]
@@ -252,13 +255,13 @@ class ConvRule(Boundary):
 
 
 class ConvTransposeRule(Boundary):
-    def connectivity(self, layer):
-        kernel = np.asarray(layer.kernel)  # (*k, out, in)
+    def connectivity(self, op):
+        kernel = _weights(op)[0]  # (*k, out, in)
         return np.any(kernel != 0, axis=tuple(range(kernel.ndim - 2))).T
 
     def rebuild(self, op, present_in, present_out, bias=None):
         keep_in, keep_out = present_in[0], present_out[0]
-        weights = _weights(op.layer)
+        weights = _weights(op)
         weights[0] = weights[0][..., keep_out, :][..., keep_in]
         if op.layer.use_bias:
             weights[1] = weights[1][keep_out]
@@ -266,18 +269,18 @@ class ConvTransposeRule(Boundary):
 
 
 class DenseRule(Boundary):
-    def connectivity(self, layer):
-        return np.asarray(layer.kernel) != 0
+    def connectivity(self, op):
+        return _weights(op)[0] != 0
 
     def folds(self, layer):
         return True
 
-    def fold(self, layer, values):
-        return values @ np.asarray(layer.kernel, "float64")
+    def fold(self, op, values):
+        return values @ _weights(op)[0].astype("float64")
 
     def rebuild(self, op, present_in, present_out, bias=None):
         keep_in, keep_out = present_in[0], present_out[0]
-        weights = _weights(op.layer)
+        weights = _weights(op)
         weights[0] = weights[0][keep_in][:, keep_out]
         if op.layer.use_bias:
             weights[1] = weights[1][keep_out]
@@ -285,9 +288,8 @@ class DenseRule(Boundary):
 
 
 class SeparableRule(Boundary):
-    def connectivity(self, layer):
-        depthwise = np.asarray(layer.depthwise_kernel)  # (*k, in, m)
-        pointwise = np.asarray(layer.pointwise_kernel)  # (*1, in*m, out)
+    def connectivity(self, op):
+        depthwise, pointwise = _weights(op)[:2]  # (*k, in, m), (*1, in*m, out)
         reads = np.any(depthwise != 0, axis=tuple(range(depthwise.ndim - 2)))
         mixes = pointwise.reshape(pointwise.shape[-2:]) != 0
         c_in, m = reads.shape
@@ -296,7 +298,7 @@ class SeparableRule(Boundary):
     def rebuild(self, op, present_in, present_out, bias=None):
         keep_in, keep_out = present_in[0], present_out[0]
         m = op.layer.depth_multiplier
-        weights = _weights(op.layer)
+        weights = _weights(op)
         weights[0] = weights[0][..., keep_in, :]
         weights[1] = weights[1][..., np.repeat(keep_in, m), :][..., keep_out]
         if op.layer.use_bias:

@@ -10,9 +10,9 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from keras_psp.cloning import check_graph_model, psp_layers, strip
+from keras_psp.cloning import check_graph_model, psp_layers
 from keras_psp.surgery.constants import check_cut_layers, find_constants, probe_values
-from keras_psp.surgery.graph import Graph, flatten, rebuild
+from keras_psp.surgery.graph import Graph, flatten, rebuild, unwrap
 from keras_psp.surgery.rules import Merge, Rule, rule_for
 
 
@@ -21,7 +21,7 @@ class ChannelPlan:
     """Which channels of every tensor survive surgery, and how ops change.
 
     Attributes:
-        graph: The flat graph of the (stripped) model.
+        graph: The flat graph of the model, PSP layers unwrapped.
         rules: The rule of each op, in graph order.
         present: For each tensor key, a bool array over its channels.
         barriers: Names of unknown layers whose channels were all kept.
@@ -75,7 +75,7 @@ def plan_channels(graph: Graph) -> ChannelPlan:
         if rule.fixed and not known:
             barriers.append(op.layer.name)
         if rule.boundary:
-            conn[id(op)] = rule.connectivity(op.layer)
+            conn[id(op)] = rule.connectivity(op)
     check_cut_layers(graph, conn)
     const = find_constants(graph, rules, conn)
     const_in = {id(op): [const[k] for k in op.inputs] for op in graph.ops}
@@ -167,13 +167,13 @@ def _emit(plan: ChannelPlan, rule: Rule, op, values: dict) -> list:
     """Builds the slim version of `op` on the new tensors in `values`."""
     present_in = [plan.present[k] for k in op.inputs]
     present_out = [plan.present[k] for k in op.outputs]
-    mapping = {tid: values[key] for tid, key in op.local.items()}
     if id(op) in plan.dropped:
         drop = plan.dropped[id(op)]
         keep_out = present_out[0]
         tensors = [values[k] for i, k in enumerate(op.inputs) if i not in drop]
         consts = [plan.values[op.inputs[i]][keep_out] for i in drop]
         return [rule.without_constants(op, tensors, drop, consts)]
+    mapping = {tid: values[key] for tid, key in op.local.items()}
     if rule.boundary:
         own = plan.own[id(op)]
         if not np.array_equal(own, present_in[0]):
@@ -183,7 +183,7 @@ def _emit(plan: ChannelPlan, rule: Rule, op, values: dict) -> list:
             mapping = {tid: gathered if v is source else v for tid, v in mapping.items()}
         bias = None
         if id(op) in plan.folded and rule.folds(op.layer):
-            bias = rule.fold(op.layer, plan.folded[id(op)])
+            bias = rule.fold(op, plan.folded[id(op)])
         layer, weights = rule.rebuild(op, [own], present_out, bias=bias)
     else:
         layer, weights = rule.rebuild(op, present_in, present_out)
@@ -197,7 +197,7 @@ def _emit(plan: ChannelPlan, rule: Rule, op, values: dict) -> list:
 def slim(model: keras.Model, check_inputs=None, atol: float = 1e-4) -> keras.Model:
     """Returns a physically smaller plain Keras model computing the same.
 
-    PSP wrappers are folded first (`strip`); then every channel that no kept
+    PSP wrappers are folded first (as `strip` does); then every channel no kept
     structure reads any more is removed from its producer and all consumers:
     smaller kernels, fewer BatchNormalization channels, fewer Dense units.
     Channels coupled through residual merges, concatenations or depthwise
@@ -220,8 +220,9 @@ def slim(model: keras.Model, check_inputs=None, atol: float = 1e-4) -> keras.Mod
     ```
     """
     check_graph_model(model, "slim")
-    pruned = strip(model) if psp_layers(model) else model
-    graph = flatten(pruned)
+    for layer in psp_layers(model):
+        layer.check_finite("slim the model")
+    graph = unwrap(flatten(model))
     plan = plan_channels(graph)
     if plan.barriers:
         warnings.warn(
@@ -241,10 +242,10 @@ def slim(model: keras.Model, check_inputs=None, atol: float = 1e-4) -> keras.Mod
         from keras_psp.verify import verify
 
         reference = np.concatenate(
-            [np.ravel(np.asarray(y)) for y in keras.tree.flatten(pruned.predict(check_inputs, verbose=0))]
+            [np.ravel(np.asarray(y)) for y in keras.tree.flatten(model.predict(check_inputs, verbose=0))]
         )
         scale = max(float(np.abs(reference).max()), 1e-12)
-        diff = verify(pruned, small, check_inputs)
+        diff = verify(model, small, check_inputs)
         if not diff <= atol * scale:
             raise RuntimeError(
                 f"slim: the slim model differs from '{model.name}' by {diff:.3g} "
