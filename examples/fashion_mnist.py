@@ -5,7 +5,7 @@ convolution and the classifier of a ResNet-8 in `keras_psp.PSP`, trains with
 SGD + momentum and a cosine schedule, prints per-epoch accuracy and how many
 structures are below the pruning threshold, saves the trained wrapped
 model (`.keras`), and slims it: a physically smaller plain Keras model,
-verified against the pruned one, with parameters and latency before → after.
+verified against the pruned one, with parameters, FLOPs and latency before → after.
 
     python examples/fashion_mnist.py                 # the default run
     python examples/fashion_mnist.py --epochs 30     # train longer
@@ -115,13 +115,15 @@ def main(argv=None) -> dict:
     print(f"{'':>22}{'before':>12}{'after':>12}{'ratio':>8}")
     for label, before, after in (
         ("parameters", plain.count_params(), small.count_params()),
+        ("FLOPs (MACs/image)", keras_psp.count_flops(plain), keras_psp.count_flops(small)),
         ("latency, batch 128 ms", dense_ms, slim_ms),
     ):
         print(f"{label:>22}{before:>12.4g}{after:>12.4g}{after / before:>8.3f}")
     print(f"saved {wrapped_path} (wrapped) and {slim_path} (slim, plain Keras)")
     return {"history": history.history, "test_accuracy": accuracy,
             "wrapped_path": wrapped_path, "slim_path": slim_path,
-            "difference": difference}
+            "difference": difference, "flops": (keras_psp.count_flops(plain),
+                                                keras_psp.count_flops(small))}
 
 
 def latency_ms(a, b, x, rounds: int = 15) -> tuple[float, float]:

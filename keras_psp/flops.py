@@ -34,6 +34,12 @@ ZERO_MAC_TYPES = tuple(
     getattr(keras.layers, name)
     for name in ("BatchNormalization", "LayerNormalization", "GroupNormalization")
     + ("Normalization", "Embedding", "PReLU")
+) + tuple(
+    # per-channel scales of applications (ConvNeXt's LayerScale), when present
+    cls
+    for module, name in (("keras.src.applications.convnext", "LayerScale"),)
+    for cls in [getattr(__import__(module, fromlist=[name]), name, None)]
+    if cls is not None
 )
 
 

@@ -28,7 +28,9 @@ def test_main_job_trains_saves_and_reports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "epoch 1: accuracy" in out and "epoch 2: accuracy" in out
     assert "structures below threshold" in out
-    assert "latency, batch 128 ms" in out and "parameters" in out
+    assert "latency, batch 128 ms" in out and "parameters" in out and "FLOPs" in out
+    before, after = result["flops"]
+    assert 0 < after <= before
     assert result["difference"] < 1e-4
     assert len(result["history"]["accuracy"]) == 2
     assert 0.3 < result["test_accuracy"] <= 1.0  # well above chance (0.1)

@@ -8,7 +8,7 @@ import pytest
 from keras import layers as L
 
 from helpers import assert_loads_without_keras_psp, to_numpy
-from keras_psp import slim, verify, wrap
+from keras_psp import count_flops, models, slim, verify, wrap
 from keras_psp.cloning import iter_layers, psp_layers
 from keras_psp.models import cifar_resnet
 
@@ -166,6 +166,23 @@ def test_unknown_layer_is_a_channel_barrier_with_a_warning(rng):
     assert small.get_layer("c1").filters == 6  # kept: it flows through the Lambda
     assert small.get_layer("c2").kernel.shape[-2] == 4  # its own cut inputs gathered away
     assert small.get_layer("c2").filters == 3  # its cut outputs are unread by c3
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: models.cifar_resnet(56, input_shape=(16, 16, 3)),
+        lambda: models.densenet(40, growth_rate=12, input_shape=(16, 16, 3)),
+        lambda: models.vgg(input_shape=(16, 16, 3)),
+    ],
+    ids=["resnet56", "densenet40", "vgg_flatten"],
+)
+@pytest.mark.parametrize("structure", ["channel", "column"])
+def test_reference_architectures(build, structure, rng):
+    model = _prune_randomly(wrap(build(), structure=structure), rng)
+    _bn_with_offsets(model, rng)
+    small = _check(model, rng.random((2, 16, 16, 3)).astype("float32"))
+    assert count_flops(small) < count_flops(model)
 
 
 @pytest.mark.parametrize("name", ["ResNet50", "MobileNetV2", "DenseNet121", "VGG16"])

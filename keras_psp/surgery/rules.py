@@ -352,6 +352,12 @@ def _register_optional() -> None:
         register_rule(Merge(), knp.Add, knp.Subtract, knp.Multiply, knp.Maximum, knp.Minimum)
     except (ImportError, AttributeError):
         pass
+    try:  # InceptionResNetV2's residual `x + scale * branch`
+        from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+
+        register_rule(Merge(), CustomScaleLayer)
+    except ImportError:
+        pass
     try:  # ConvNeXt's per-channel scale; its channels are pinned by LayerNorm
         from keras.src.applications.convnext import LayerScale
 

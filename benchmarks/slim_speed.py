@@ -1,0 +1,156 @@
+"""Does slimming pay? CIFAR ResNet-56 latency after `slim`, side by side.
+
+1. No overhead left behind: a slimmed ResNet-56 (stream and inner widths cut
+   to 70 %, so no gathers) against the same network built by hand with
+   `cifar_resnet(widths=..., inner_widths=...)`; the ratio should be ≤ 1.02.
+2. Real speedup at about half the FLOPs: the unpruned ResNet-56 against
+   (a) those uniform widths and (b) independent per-layer `channel` α cuts
+   (consumers gather their own inputs from the residual stream), reported
+   against the FLOPs ratio.
+3. tensorflow-model-optimization's magnitude pruning at 50 % sparsity, in
+   tf_keras, exported to TFLite, in its own process (`tfmot_baseline.py`):
+   unstructured zeros, same dense kernels.
+
+XLA: TensorFlow, jit_compile, batch 128. LiteRT: ai-edge-litert interpreter,
+batch 1, one thread. Interleaved A B A B ..., medians.
+
+    python benchmarks/slim_speed.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from _deploy import litert_predict, litert_runner, tflite_bytes, xla_runner  # noqa: E402
+from _timing import interleaved, median, print_table  # noqa: E402
+
+from keras_psp import count_flops, slim, wrap  # noqa: E402
+from keras_psp.models import cifar_resnet  # noqa: E402
+from keras_psp.surgery.graph import flatten  # noqa: E402
+
+DEPTH, WIDTHS = 56, (16, 32, 64)
+BLOCKS = (DEPTH - 2) // 6
+
+
+def stream_readers(stage: int) -> list[str]:
+    """Layers reading the residual stream of `stage` (1-based)."""
+    names = [f"s{stage}b{b}a_conv" for b in range(1, BLOCKS + 1)]
+    return names + ([f"s{stage + 1}b1a_conv", f"s{stage + 1}b1p_conv"] if stage < 3 else ["logits"])
+
+
+def uniform_cut(keep: float, rng) -> tuple[keras.Model, tuple, list]:
+    """Wrapped ResNet-56 whose stream and inner widths are cut to `keep`."""
+    model = wrap(cifar_resnet(DEPTH, WIDTHS))
+    stream, inner = [], []
+    for stage, width in enumerate(WIDTHS, start=1):
+        cut = rng.choice(width, width - round(keep * width), replace=False)
+        for name in stream_readers(stage):
+            layer = model.get_layer(name)
+            alpha = np.array(layer.alpha)
+            alpha[cut] = 0.0
+            layer.alpha.assign(alpha)
+        stream.append(width - len(cut))
+        for block in range(1, BLOCKS + 1):
+            layer = model.get_layer(f"s{stage}b{block}b_conv")
+            alpha = np.ones(width, "float32")
+            alpha[rng.choice(width, width - round(keep * width), replace=False)] = 0.0
+            layer.alpha.assign(alpha * np.array(layer.alpha))
+            inner.append(round(keep * width))
+    return model, tuple(stream), inner
+
+
+def per_layer_cut(cut: float, rng) -> keras.Model:
+    """Wrapped ResNet-56 with `cut` of every layer's channel α set to 0."""
+    from keras_psp.cloning import psp_layers
+
+    model = wrap(cifar_resnet(DEPTH, WIDTHS))
+    for layer in psp_layers(model):
+        alpha = np.ones(layer.alpha.shape, "float32")
+        alpha[rng.random(alpha.shape) < cut] = 0.0
+        alpha.flat[rng.integers(alpha.size)] = 1.0
+        layer.alpha.assign(alpha)
+    return model
+
+
+def gathers(model) -> int:
+    return sum(type(op.layer).__name__ == "Take" for op in flatten(model).ops)
+
+
+def latencies(models: dict, x128, x1, rounds: int) -> dict:
+    xla = interleaved({k: xla_runner(m, x128) for k, m in models.items()}, rounds)
+    lite = interleaved(
+        {k: litert_runner(tflite_bytes(m), x1) for k, m in models.items()}, rounds * 2
+    )
+    return {k: (median(xla[k]) * 1e3, median(lite[k]) * 1e3 / 10) for k in models}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few rounds (smoke run)")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--skip-tfmot", action="store_true")
+    args = parser.parse_args()
+    rounds = 3 if args.quick else args.rounds
+    rng = np.random.default_rng(0)
+    x128 = rng.random((128, 32, 32, 3)).astype("float32")
+    x1 = x128[:1]
+
+    wrapped, stream, inner = uniform_cut(0.7, rng)
+    uniform = slim(wrapped, check_inputs=x128[:8])
+    hand = cifar_resnet(DEPTH, stream, inner_widths=inner)
+    assert gathers(uniform) == 0 and uniform.count_params() == hand.count_params()
+    cut = 0.0
+    for cut in np.arange(0.3, 0.6, 0.05):  # the per-layer cut closest to half the FLOPs
+        layered_wrapped = per_layer_cut(float(cut), np.random.default_rng(1))
+        layered = slim(layered_wrapped, check_inputs=x128[:8])
+        if count_flops(layered) <= 0.52 * count_flops(cifar_resnet(DEPTH, WIDTHS)):
+            break
+    base = cifar_resnet(DEPTH, WIDTHS)
+    lite = litert_predict(tflite_bytes(layered), x1)
+    assert np.abs(lite - np.asarray(layered(x1))).max() < 1e-4, "LiteRT differs"
+
+    models = {"unpruned": base, "hand-built": hand, "slim uniform": uniform,
+              "slim per-layer": layered}
+    t = latencies(models, x128, x1, rounds)
+    flops = {k: count_flops(m) for k, m in models.items()}
+    rows = [
+        (k, f"{flops[k] / 1e6:.1f}", f"{m.count_params():,}", gathers(m),
+         f"{t[k][0]:.1f}", f"{t[k][1]:.2f}")
+        for k, m in models.items()
+    ]
+    print_table(
+        f"ResNet-56, CIFAR input (per-layer cut {cut:.2f}); medians of {rounds} XLA / "
+        f"{rounds * 2} LiteRT rounds",
+        rows, ("model", "MFLOPs", "params", "gathers", "XLA b128 ms", "LiteRT b1 ms"),
+    )
+    overhead = (t["slim uniform"][0] / t["hand-built"][0], t["slim uniform"][1] / t["hand-built"][1])
+    speed = [
+        (k, f"{flops[k] / flops['unpruned']:.3f}",
+         f"{t['unpruned'][0] / t[k][0]:.2f}x", f"{t['unpruned'][1] / t[k][1]:.2f}x")
+        for k in ("slim uniform", "slim per-layer")
+    ]
+    if not args.skip_tfmot:
+        script = os.path.join(os.path.dirname(__file__), "tfmot_baseline.py")
+        result = subprocess.run(
+            [sys.executable, script, "--json"] + (["--quick"] if args.quick else []),
+            capture_output=True, text=True, check=True,
+        )
+        tfmot = json.loads(result.stdout.strip().splitlines()[-1])
+        for name in ("pruned", "pruned_sparse"):
+            speed.append((f"tfmot 50 % ({tfmot[name + '_label']})", "1.000 (dense)", "n/a",
+                          f"{tfmot['unpruned_ms'] / tfmot[name + '_ms']:.2f}x"))
+    print_table("Speedup against the unpruned ResNet-56", speed,
+                ("model", "FLOPs ratio", "XLA b128 speedup", "LiteRT b1 speedup"))
+    print(f"\nslim / hand-built latency: XLA b128 {overhead[0]:.3f}, LiteRT b1 {overhead[1]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
