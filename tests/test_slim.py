@@ -324,3 +324,38 @@ def test_layer_cut_on_the_only_path_is_an_error():
     chain.get_layer("stem_conv").alpha.assign(np.zeros(1, "float32"))
     with pytest.raises(ValueError, match="'stem_conv'.*only path"):
         slim(chain)
+
+
+def test_gather_false_keeps_zero_weights_instead(rng):
+    model = _prune_randomly(wrap(cifar_resnet(8, input_shape=(8, 8, 3))), rng)
+    x = rng.random((3, 8, 8, 3)).astype("float32")
+    with_gather, without = slim(model), _check_options(model, x, gather=False)
+    takes = [op for op in with_gather.operations if type(op).__name__ == "Take"]
+    assert takes and not [op for op in without.operations if type(op).__name__ == "Take"]
+    assert count_flops(without) > count_flops(with_gather)
+
+
+def _check_options(model, x, **options):
+    small = slim(model, **options)
+    reference = np.asarray(model.predict(x, verbose=0))
+    assert verify(model, small, x) <= 1e-4 * np.abs(reference).max()
+    return small
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_multiple_of_rounds_widths_up_and_stays_exact(gather, rng):
+    model = _prune_randomly(wrap(models.densenet(10, growth_rate=6, input_shape=(8, 8, 3))), rng)
+    _bn_with_offsets(model, rng)
+    x = rng.random((3, 8, 8, 3)).astype("float32")
+    exact = slim(model, gather=gather)
+    small = _check_options(model, x, gather=gather, multiple_of=4)
+    for layer in small.layers:
+        if isinstance(layer, L.Conv2D):
+            original = model.get_layer(layer.name).layer.filters
+            assert layer.filters % 4 == 0 or layer.filters == original, layer.name
+            assert layer.filters >= exact.get_layer(layer.name).filters
+            source = layer.input._keras_history.operation
+            if type(source).__name__ == "Take":  # gathered inputs are rounded too
+                assert gather and layer.kernel.shape[-2] % 4 == 0, layer.name
+    with pytest.raises(ValueError, match="multiple_of must be a positive integer"):
+        slim(model, multiple_of=0)

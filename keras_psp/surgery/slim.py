@@ -55,7 +55,9 @@ def _live_ops(graph: Graph, dropped: dict[int, list[int]]) -> set[int]:
     return live
 
 
-def plan_channels(graph: Graph) -> ChannelPlan:
+def plan_channels(
+    graph: Graph, gather: bool = True, multiple_of: int | None = None
+) -> ChannelPlan:
     """Finds the channels that can leave the model without changing it.
 
     Channels coupled by a rule (through BN, merges, concatenation, ...) form
@@ -66,6 +68,7 @@ def plan_channels(graph: Graph) -> ChannelPlan:
     outputs of boundary layers can free their inputs, so the search repeats
     until nothing changes. Merges drop inputs that are constant everywhere
     (a cut residual branch), and ops nothing depends on any more disappear.
+    `gather` and `multiple_of` are as in `slim`.
     """
     shapes = graph.shapes
     rules, barriers, conn = [], [], {}
@@ -136,26 +139,44 @@ def plan_channels(graph: Graph) -> ChannelPlan:
             used[0] = True
         return used
 
-    present = np.ones(total, bool)
-    while True:
-        needed = required.copy()
-        for op, matrix, can in boundaries:
-            needed[span(op.inputs[0])] |= reads(op, matrix, can, present)
-        group_kept = np.zeros(labels.max() + 1, bool)
-        group_kept[labels[needed]] = True
-        new_present = group_kept[labels]
-        for key in keys:  # no tensor may lose every channel
-            if not new_present[span(key)].any():
-                group_kept[labels[offset[key]]] = True
-                new_present = group_kept[labels]
-        if np.array_equal(new_present, present):
+    def settle(required):
+        present = np.ones(total, bool)
+        while True:
+            needed = required.copy()
+            for op, matrix, can in boundaries:
+                needed[span(op.inputs[0])] |= reads(op, matrix, can, present)
+            group_kept = np.zeros(labels.max() + 1, bool)
+            group_kept[labels[needed]] = True
+            new_present = group_kept[labels]
+            for key in keys:  # no tensor may lose every channel
+                if not new_present[span(key)].any():
+                    group_kept[labels[offset[key]]] = True
+                    new_present = group_kept[labels]
+            if np.array_equal(new_present, present):
+                return present
+            present = new_present
+
+    present = settle(required)
+    while multiple_of:  # keep some cut channels so that widths are multiples
+        extra = np.zeros(total, bool)
+        for op, _, _ in boundaries:
+            where = span(op.outputs[0])
+            absent = np.flatnonzero(~present[where])
+            extra[where.start + absent[: -int(present[where].sum()) % multiple_of]] = True
+        if not extra.any():
             break
-        present = new_present
+        required = required | extra
+        present = settle(required)
 
     own, folded = {}, {}
     for op, matrix, can in boundaries:
         key = op.inputs[0]
-        own[id(op)] = present[span(key)] & reads(op, matrix, can, present)
+        own[id(op)] = present[span(key)].copy()
+        if gather:
+            own[id(op)] &= reads(op, matrix, can, present)
+            if multiple_of:
+                spare = np.flatnonzero(present[span(key)] & ~own[id(op)])
+                own[id(op)][spare[: -int(own[id(op)].sum()) % multiple_of]] = True
         dropped_const = const[key] & ~own[id(op)]
         if dropped_const.any():
             folded[id(op)] = np.where(dropped_const, values[key], 0.0)
@@ -194,7 +215,13 @@ def _emit(plan: ChannelPlan, rule: Rule, op, values: dict) -> list:
     return outputs
 
 
-def slim(model: keras.Model, check_inputs=None, atol: float = 1e-4) -> keras.Model:
+def slim(
+    model: keras.Model,
+    check_inputs=None,
+    atol: float = 1e-4,
+    gather: bool = True,
+    multiple_of: int | None = None,
+) -> keras.Model:
     """Returns a physically smaller plain Keras model computing the same.
 
     PSP wrappers are folded first (as `strip` does); then every channel no kept
@@ -211,6 +238,16 @@ def slim(model: keras.Model, check_inputs=None, atol: float = 1e-4) -> keras.Mod
             model with the pruned one on them and raises if the largest
             difference exceeds `atol` times the largest output magnitude.
         atol: Relative tolerance for `check_inputs`.
+        gather: When a consumer's own inputs are cut but other consumers
+            keep those channels of a shared tensor (a residual stream, a
+            DenseNet concatenation), take just its channels before it
+            (`keras.ops.take`) so that its kernel shrinks too: fewer FLOPs.
+            On CPU runtimes the gather's copy can cost more than it saves
+            (see benchmarks/slim_speed.py); `False` keeps zero weights instead.
+        multiple_of: Round every layer's output width (and, with `gather`,
+            every gathered width) up to a multiple of this, keeping some cut
+            channels: vectorized kernels (XLA, XNNPACK) run channel counts
+            that are multiples of 8 much faster. `None`: exact minimum.
 
     Example:
 
@@ -223,7 +260,9 @@ def slim(model: keras.Model, check_inputs=None, atol: float = 1e-4) -> keras.Mod
     for layer in psp_layers(model):
         layer.check_finite("slim the model")
     graph = unwrap(flatten(model))
-    plan = plan_channels(graph)
+    if multiple_of is not None and (not isinstance(multiple_of, int) or multiple_of < 1):
+        raise ValueError(f"slim: multiple_of must be a positive integer, got {multiple_of!r}.")
+    plan = plan_channels(graph, gather, multiple_of)
     if plan.barriers:
         warnings.warn(
             "slim: surgery does not know layer(s) "
