@@ -11,3 +11,7 @@ KERAS_BACKEND=tensorflow "$PYTHON" -m pytest -q "$@"
 echo "== tests, JAX backend (backend-independent subset)"
 KERAS_BACKEND=jax "$PYTHON" -m pytest -q -m "not tensorflow_only" \
   tests/test_structures.py tests/test_wrapper.py tests/test_saving.py tests/test_cloning.py "$@"
+echo "== slim tests, JAX backend (a subset: surgery is backend-independent numpy)"
+PSP_RANDOM_GRAPHS="${PSP_RANDOM_GRAPHS_JAX:-30}" KERAS_BACKEND=jax "$PYTHON" -m pytest -q \
+  -m "not tensorflow_only" tests/test_slim_random.py tests/test_slim.py \
+  -k "random_graphs or plain_chain or flatten or fold or zero_constant or residual_branch or zero_output or only_path" "$@"
