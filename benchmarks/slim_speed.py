@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few rounds (smoke run)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--skip-tfmot", action="store_true")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only slim vs hand-built, with twice the rounds")
     args = parser.parse_args()
     rounds = 3 if args.quick else args.rounds
     rng = np.random.default_rng(0)
@@ -109,6 +111,16 @@ def main() -> None:
     uniform = slim(wrapped, check_inputs=x128[:8])
     hand = cifar_resnet(DEPTH, stream, inner_widths=inner)
     assert gathers(uniform) == 0 and uniform.count_params() == hand.count_params()
+    if args.overhead_only:
+        t = latencies({"hand-built": hand, "slim uniform": uniform}, x128, x1, rounds * 2)
+        print_table(f"slim vs hand-built ResNet-56, medians of {rounds * 2} XLA / "
+                    f"{rounds * 4} LiteRT rounds",
+                    [(k, f"{v[0]:.1f}", f"{v[1]:.2f}") for k, v in t.items()],
+                    ("model", "XLA b128 ms", "LiteRT b1 ms"))
+        print(f"\nslim / hand-built latency: XLA b128 "
+              f"{t['slim uniform'][0] / t['hand-built'][0]:.3f}, LiteRT b1 "
+              f"{t['slim uniform'][1] / t['hand-built'][1]:.3f}")
+        return
     cut = 0.0
     for cut in np.arange(0.3, 0.6, 0.05):  # the per-layer cut closest to half the FLOPs
         layered_wrapped = per_layer_cut(float(cut), np.random.default_rng(1))

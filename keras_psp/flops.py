@@ -154,8 +154,43 @@ def count_flops(model: keras.Model, pruned: bool = False) -> int:
         from keras_psp.surgery.slim import slim
 
         return count_flops(slim(model))
+    per_layer, unknown = _walk(model)
+    _warn_unknown(unknown)
+    return sum(per_layer.values())
+
+
+def layer_flops(model: keras.Model) -> dict[str, int]:
+    """Multiply-accumulates per example of each layer of `model`, by name.
+
+    The same count as `count_flops`, before summing: one entry per layer with
+    a MAC function (see `register_macs`), in graph order, its calls summed
+    (a shared layer, a nested model called twice). A PSP wrapper counts as
+    the layer it wraps, under the wrapper's name. Layers without a MAC
+    function are left out.
+
+    Args:
+        model: A built Sequential or functional model with fixed input shape.
+
+    Returns:
+        A dict `{layer name: MACs}`; its values sum to `count_flops(model)`.
+
+    Example:
+
+    ```python
+    keras_psp.flops.layer_flops(model)   # {"conv0": 4608, "conv1": 73728, ...}
+    ```
+    """
+    _check(model, "count the FLOPs of")
+    per_layer, unknown = _walk(model)
+    _warn_unknown(unknown)
+    return per_layer
+
+
+def _walk(model) -> tuple[dict[str, int], list[str]]:
+    """(MACs by layer name, unknown layers with weights) of the flat graph."""
     graph = flatten(model)
-    total, unknown = 0, []
+    per_layer: dict[str, int] = {}
+    unknown = []
     for op in graph.ops:
         layer = op.layer.layer if isinstance(op.layer, PSP) else op.layer
         fn = _mac_function(layer)
@@ -169,15 +204,19 @@ def count_flops(model: keras.Model, pruned: bool = False) -> int:
                 f"Cannot count the FLOPs of layer '{layer.name}': its input shape "
                 f"{input_shape} is not fixed. Build the model on a fixed input shape."
             )
-        total += int(fn(layer, input_shape, output_shape))
+        name = op.layer.name
+        per_layer[name] = per_layer.get(name, 0) + int(fn(layer, input_shape, output_shape))
+    return per_layer, unknown
+
+
+def _warn_unknown(unknown: list[str]) -> None:
     if unknown:
         names = ", ".join(dict.fromkeys(unknown))
         warnings.warn(
             f"count_flops counted 0 MACs for layers of unknown type with weights: "
             f"{names}. Register their cost with keras_psp.flops.register_macs.",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return total
 
 
 def count_params(model: keras.Model, pruned: bool = False) -> int:

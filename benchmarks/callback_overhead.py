@@ -1,0 +1,105 @@
+"""Epoch-time overhead of SeparationMonitor on the main job's model.
+
+Two separately compiled copies of the main job's PSP-wrapped ResNet-8
+(Fashion-MNIST, 28×28, stem stride 2; identical initial weights) train
+one epoch each in turn, A B A B ..., one with `SeparationMonitor()` (a check
+at every epoch end, with the slimmed model's FLOPs and parameters) and one
+without. An epoch is timed from `on_epoch_begin` to the end of the last
+`on_epoch_end` (the monitor's work included, `fit`'s setup not). Every `fit`
+call starts the monitor afresh, so each timed epoch pays one `slim`, as an
+epoch in which the cut set changes does. Prints a table and, last, the ratio.
+
+    python benchmarks/callback_overhead.py            # the full benchmark
+    python benchmarks/callback_overhead.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import median, print_table  # noqa: E402
+
+
+def build(seed: int):
+    import keras
+
+    import keras_psp
+    from keras_psp.models import cifar_resnet
+
+    keras.utils.set_random_seed(seed)
+    base = cifar_resnet(8, (16, 32, 64), input_shape=(28, 28, 1), stem_stride=2, name="resnet")
+    model = keras_psp.wrap(base, structure="channel")
+    model.compile(
+        keras.optimizers.SGD(0.1, momentum=0.9),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def main():
+    import keras
+
+    import keras_psp
+    from keras_psp.datasets import load_fashion_mnist
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=10_000, help="training images per epoch")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=7, help="timed epochs per model")
+    p.add_argument("--warmup", type=int, default=1, help="untimed epochs per model first")
+    p.add_argument("--quick", action="store_true", help="2000 images, 2 rounds")
+    args = p.parse_args()
+    if args.quick:
+        args.images, args.rounds = 2000, 2
+
+    (x, y), _ = load_fashion_mnist()
+    x, y = x[: args.images], y[: args.images]
+    models = {"without": build(0), "with": build(0)}
+    models["with"].set_weights(models["without"].get_weights())
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds = time.perf_counter() - self.start
+
+    samples = {name: [] for name in models}
+    check = []
+    for epoch in range(args.warmup + args.rounds):
+        for name, model in models.items():
+            timer = EpochTimer()
+            monitor = keras_psp.SeparationMonitor(verbose=0) if name == "with" else None
+            callbacks = [monitor, timer] if monitor else [timer]
+            model.fit(x, y, batch_size=args.batch_size, epochs=epoch + 1, initial_epoch=epoch,
+                      verbose=0, callbacks=callbacks)
+            if epoch >= args.warmup:
+                samples[name].append(timer.seconds)
+                if monitor:
+                    start = time.perf_counter()
+                    monitor._cost._key = None  # force one more slim: the check alone
+                    monitor.on_epoch_end(epoch, {})
+                    check.append(time.perf_counter() - start)
+    last = models["with"]
+    cut = sum(int((~layer.mask()).sum()) for layer in keras_psp.cloning.psp_layers(last))
+    without, with_ = median(samples["without"]), median(samples["with"])
+    print_table(
+        f"Epoch time, ResNet-8 (16,32,64) wrapped, {args.images} Fashion-MNIST images, batch "
+        f"{args.batch_size}, backend {keras.backend.backend()}, median of {args.rounds} "
+        f"interleaved epochs (s)",
+        [(f"{without:.3f}", f"{with_:.3f}", f"{median(check):.3f}", f"{with_ / without:.3f}",
+          cut)],
+        ("without monitor", "with monitor", "one check (slim incl.)", "ratio", "cut at end"),
+    )
+    print(f"\nratio with/without monitor: {with_ / without:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""SeparationMonitor and FlopsBudget: statistics, logs, TensorBoard, patience, budget."""
+
+import csv
+import glob
+import math
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from helpers import small_cnn
+from keras_psp import FlopsBudget, SeparationMonitor, count_flops, slim, wrap
+from keras_psp.callbacks import set_strength
+from keras_psp.cloning import psp_layers
+
+FIGURES = ("psp_cut", "psp_separation", "psp_changed", "psp_flops", "psp_params")
+
+
+def _model(batchnorm=True, strength=None, lr=0.05, jit_compile="auto"):
+    model = wrap(small_cnn(batchnorm=batchnorm), strength=strength)
+    model.compile(keras.optimizers.SGD(lr, momentum=0.9), "sparse_categorical_crossentropy",
+                  jit_compile=jit_compile)
+    return model
+
+
+def _check(monitor, model, epoch=0):
+    """One epoch-end check without fit; returns the logs."""
+    monitor.set_model(model)
+    if not hasattr(monitor, "_psp"):
+        monitor.on_train_begin()
+    logs = {}
+    monitor.on_epoch_end(epoch, logs)
+    return logs
+
+
+def _bimodal(n, rng, cut):
+    alpha = rng.uniform(0.5, 1.0, n)
+    alpha[:cut] = rng.uniform(1e-7, 1e-6, cut)
+    return alpha.astype("float32")
+
+
+# -- the statistic ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batchnorm", [True, False], ids=["with_bn", "without_bn"])
+def test_separation_high_for_bimodal_low_for_unimodal(batchnorm, rng):
+    model = _model(batchnorm)
+    conv1 = model.get_layer("conv1")  # 8 input-channel α
+    monitor = SeparationMonitor(flops=False, verbose=0)
+    conv1.alpha.assign(_bimodal(8, rng, cut=3))
+    bimodal = _check(monitor, model)
+    by_layer = monitor.history[-1]["layers"]["conv1"]
+    assert by_layer["cut"] == 3 and by_layer["separation"] > 0.7
+    assert bimodal["psp_separation"] > 0.7
+    # unimodal, log-uniform over three decades: straddles the threshold
+    conv1.alpha.assign(np.logspace(0, -3, 8).astype("float32"))
+    unimodal = _check(monitor, model, 1)
+    assert monitor.history[-1]["layers"]["conv1"]["cut"] > 0
+    assert monitor.history[-1]["layers"]["conv1"]["separation"] < 0.2
+    assert unimodal["psp_separation"] < 0.2
+    # a uniform rescaling (what BN cancels) changes nothing
+    for alpha in (_bimodal(8, np.random.default_rng(1), 3), np.logspace(0, -3, 8)):
+        conv1.alpha.assign(np.asarray(alpha, "float32"))
+        before = _check(monitor, model, 2)
+        conv1.alpha.assign(np.asarray(alpha, "float32") * 0.01)
+        after = _check(monitor, model, 3)
+        assert after["psp_changed"] == 0
+        assert after["psp_cut"] == before["psp_cut"]
+        assert after["psp_separation"] == pytest.approx(before["psp_separation"], abs=1e-6)
+
+
+def test_no_psp_layers_is_an_error():
+    monitor = SeparationMonitor()
+    monitor.set_model(small_cnn())
+    with pytest.raises(ValueError, match="no PSP layers"):
+        monitor.on_train_begin()
+    budget = FlopsBudget()
+    budget.set_model(small_cnn())
+    with pytest.raises(ValueError, match="no PSP layers"):
+        budget.on_train_begin()
+
+
+# -- during fit ---------------------------------------------------------------
+
+
+def test_logs_in_history_csv_and_step_checks(digits, tmp_path):
+    (x, y), _ = digits
+    model = _model()
+    monitor = SeparationMonitor(every_n_steps=5, verbose=0)
+    path = str(tmp_path / "log.csv")
+    history = model.fit(x[:320], y[:320], batch_size=32, epochs=2, verbose=0,
+                        callbacks=[monitor, keras.callbacks.CSVLogger(path)])
+    for key in FIGURES:
+        assert len(history.history[key]) == 2
+    assert history.history["psp_flops"][0] == pytest.approx(1.0)  # nothing cut yet
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and set(FIGURES) <= set(rows[0])
+    assert [r["step"] for r in monitor.step_history] == [5, 10, 15, 20]
+    assert [s.name for s in monitor.layers] == [p.name for p in psp_layers(model)]
+    assert len(monitor.history) == 2 and set(monitor.history[0]["layers"]) == {
+        "conv0", "conv1", "head"}
+
+
+def test_flops_and_params_match_slim(rng):
+    model = _model()
+    model.get_layer("conv1").alpha.assign(_bimodal(8, rng, cut=4))
+    model.get_layer("head").alpha.assign(_bimodal(16, rng, cut=6))
+    logs = _check(SeparationMonitor(verbose=0), model)
+    small = slim(model)
+    assert logs["psp_flops"] == pytest.approx(count_flops(small) / count_flops(model))
+    plain = model.count_params() - sum(int(np.prod(p.alpha.shape)) for p in psp_layers(model))
+    assert logs["psp_params"] == pytest.approx(small.count_params() / plain)
+    assert logs["psp_cut"] == pytest.approx(10 / 25)
+
+
+@pytest.mark.tensorflow_only
+def test_tensorboard_event_file(digits, tmp_path):
+    import tensorflow as tf
+
+    (x, y), _ = digits
+    model = _model()
+    monitor = SeparationMonitor(log_dir=str(tmp_path), every_n_steps=10, verbose=0)
+    model.fit(x[:320], y[:320], batch_size=32, epochs=2, verbose=0, callbacks=[monitor])
+    files = glob.glob(str(tmp_path / "events.out.tfevents.*"))
+    assert len(files) == 1
+    seen = {}
+    for event in tf.compat.v1.train.summary_iterator(files[0]):
+        for value in event.summary.value:
+            data = tf.make_ndarray(value.tensor)
+            seen.setdefault(value.tag, []).append((event.step, data))
+            plugin = "histograms" if "alpha" in value.tag else "scalars"
+            assert value.metadata.plugin_data.plugin_name == plugin
+    assert [s for s, _ in seen["epoch_psp_cut"]] == [0, 1]
+    assert [s for s, _ in seen["batch_psp_separation"]] == [10, 20]
+    assert float(seen["epoch_psp_flops"][0][1]) == pytest.approx(1.0)
+    histogram = seen["epoch_log10_alpha/conv1"][0][1]
+    assert histogram.shape[1] == 3 and histogram[:, 2].sum() == 8  # 8 α in 30 buckets
+    assert "epoch_psp_separation/head" in seen
+
+
+def test_patience_stops_a_frozen_run(digits, rng):
+    (x, y), _ = digits
+    model = _model(strength=0.0, lr=0.0)  # α cannot move: the cut set is frozen
+    model.get_layer("conv1").alpha.assign(_bimodal(8, rng, cut=3))
+    monitor = SeparationMonitor(patience=2, min_separation=0.5, flops=False, verbose=0)
+    history = model.fit(x[:64], y[:64], batch_size=32, epochs=10, verbose=0, callbacks=[monitor])
+    assert len(history.history["loss"]) == 2 and monitor.stopped_epoch == 1
+    # ... but not when the separation is below the target
+    monitor = SeparationMonitor(patience=2, min_separation=0.99, flops=False, verbose=0)
+    history = model.fit(x[:64], y[:64], batch_size=32, epochs=4, verbose=0, callbacks=[monitor])
+    assert len(history.history["loss"]) == 4 and monitor.stopped_epoch is None
+
+
+def test_non_finite_alpha_warns_and_never_stops(digits, rng):
+    (x, y), _ = digits
+    model = _model(strength=0.0, lr=0.0)
+    alpha = _bimodal(8, rng, cut=3)
+    alpha[5] = np.nan
+    model.get_layer("conv1").alpha.assign(alpha)
+    monitor = SeparationMonitor(patience=1, min_separation=0.0, verbose=0)
+    with pytest.warns(UserWarning, match="'conv1' has non-finite") as record:
+        history = model.fit(x[:64], y[:64], batch_size=32, epochs=3, verbose=0,
+                            callbacks=[monitor])
+    assert len(history.history["loss"]) == 3 and monitor.stopped_epoch is None
+    assert sum("non-finite" in str(w.message) for w in record) == 1  # once
+    assert math.isnan(history.history["psp_flops"][-1])
+
+
+def test_warns_when_a_layer_is_about_to_lose_every_structure(rng):
+    model = _model()
+    monitor = SeparationMonitor(verbose=0)
+    alpha = np.full(8, 1e-6, "float32")
+    alpha[2] = 1.0  # one kept of 8
+    model.get_layer("conv1").alpha.assign(alpha)
+    with pytest.warns(UserWarning, match="'conv1' is about to lose every structure"):
+        _check(monitor, model)
+    model.get_layer("conv1").alpha.assign(np.zeros(8, "float32"))  # all cut: warned already
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check(monitor, model, 1)
+
+
+def test_verbose_line(capsys, rng):
+    model = _model()
+    model.get_layer("conv1").alpha.assign(_bimodal(8, rng, cut=2))
+    _check(SeparationMonitor(verbose=1), model, 4)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("PSP epoch 5: cut 2/25 (8.0%), separation ")
+    assert "changed 2, FLOPs " in line and "params" in line
+
+
+# -- strength and FlopsBudget -------------------------------------------------
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "jit"])
+def test_strength_change_needs_a_new_train_function(jit_compile, digits):
+    """Keras bakes the regularizer's float into the traced train function."""
+    (x, y), _ = digits
+    model = _model(strength=1e-2, lr=0.0, jit_compile=jit_compile)  # lr 0: nothing moves
+    for layer in psp_layers(model):
+        layer.alpha.assign(np.full(layer.alpha.shape, 10.0, "float32"))
+    sum_sq = sum(float(np.sum(np.square(keras.ops.convert_to_numpy(p.alpha))))
+                 for p in psp_layers(model))  # 25 α of 10: 2500
+    batch = (x[:32], y[:32])
+    before = model.train_on_batch(*batch)
+    for layer in psp_layers(model):
+        layer.alpha_regularizer.l2 = 2e-2
+    stale = model.train_on_batch(*batch)
+    assert stale == pytest.approx(before, rel=1e-5)  # the old strength, still baked in
+    set_strength(model, 2e-2)  # rebuilds the train function
+    after = model.train_on_batch(*batch)
+    assert after - before == pytest.approx(1e-2 * sum_sq, rel=1e-3)
+
+
+def test_budget_argument_errors():
+    for target in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="`target` must be in \\(0, 1\\]"):
+            FlopsBudget(target=target)
+    with pytest.raises(ValueError, match="`tolerance`"):
+        FlopsBudget(tolerance=0)
+    with pytest.raises(ValueError, match="`factor`"):
+        FlopsBudget(factor=1.0)
+    model = wrap(small_cnn(), regularizer=None)
+    model.compile("sgd", "mse")
+    budget = FlopsBudget()
+    budget.set_model(model)
+    with pytest.raises(ValueError, match="'conv0' has α regularizer None"):
+        budget.on_train_begin()
+
+
+def test_budget_moves_the_strength_the_right_way(rng):
+    model = _model(strength=1e-2)
+    budget = FlopsBudget(target=0.5, verbose=0)
+    budget.set_model(model)
+    budget.set_params({"epochs": 10})
+    budget.on_train_begin()
+    logs = {}
+    budget.on_epoch_end(0, logs)  # nothing cut, goal 0.9: push
+    assert logs["psp_flops"] == 1.0 and logs["psp_strength"] == pytest.approx(1e-2)
+    assert budget.strength == pytest.approx(2e-2)
+    assert psp_layers(model)[1].alpha_regularizer.l2 == pytest.approx(2e-2)
+    model.get_layer("conv1").alpha.assign(_bimodal(8, rng, cut=6))  # overshoot: relax
+    budget.on_epoch_end(1, {})
+    assert budget.strength == pytest.approx(1e-2)
+    assert budget.history[-1]["psp_flops"] < 0.5
+
+
+def test_budget_reaches_the_target_on_digits(digits):
+    (x, y), _ = digits
+    keras.utils.set_random_seed(0)
+    model = _model(lr=0.1)
+    budget = FlopsBudget(target=0.5, tolerance=0.05, verbose=0)
+    monitor = SeparationMonitor(verbose=0)
+    model.fit(x, y, batch_size=64, epochs=30, verbose=0, callbacks=[monitor, budget])
+    fraction = count_flops(slim(model)) / count_flops(model)
+    assert abs(fraction - 0.5) <= 0.05, budget.history
