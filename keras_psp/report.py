@@ -158,8 +158,8 @@ def _format(name: str, rows: list[dict]) -> str:
     widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
 
     def line(values):
-        left = [v.ljust(w) for v, w in zip(values[:4], widths[:4], strict=True)]
-        right = [v.rjust(w) for v, w in zip(values[4:], widths[4:], strict=True)]
+        left = [v.ljust(w) for v, w in zip(values[:3], widths[:3], strict=True)]
+        right = [v.rjust(w) for v, w in zip(values[3:], widths[3:], strict=True)]
         return "  ".join(left + right).rstrip()
 
     width = sum(widths) + 2 * (len(widths) - 1)
