@@ -46,17 +46,23 @@ def parse_args(argv=None):
 
 
 class PruningReport(keras.callbacks.Callback):
-    """Prints, after each epoch, how many structures are below the threshold."""
+    """Prints, after each epoch, accuracy and the SeparationMonitor's figures.
+
+    List it after the monitor, which puts `psp_*` into the epoch logs.
+    """
 
     def on_epoch_end(self, epoch, logs=None):
         masks = [layer.mask() for layer in keras_psp.cloning.psp_layers(self.model)]
         total = sum(m.size for m in masks)
         cut = total - sum(int(m.sum()) for m in masks)
         logs = logs or {}
+        nan = float("nan")
         print(
-            f"epoch {epoch + 1}: accuracy {logs.get('accuracy', float('nan')):.4f}"
-            f"  val_accuracy {logs.get('val_accuracy', float('nan')):.4f}"
-            f"  structures below threshold {cut}/{total} ({100 * cut / total:.1f}%)",
+            f"epoch {epoch + 1}: accuracy {logs.get('accuracy', nan):.4f}"
+            f"  val_accuracy {logs.get('val_accuracy', nan):.4f}"
+            f"  structures below threshold {cut}/{total} ({100 * cut / total:.1f}%)"
+            f"  separation {logs.get('psp_separation', nan):.3f}"
+            f"  slim FLOPs {logs.get('psp_flops', nan):.3f}",
             flush=True,
         )
 
@@ -88,6 +94,10 @@ def main(argv=None) -> dict:
         f"{len(x_train)} training images, {args.epochs} epochs",
         flush=True,
     )
+    os.makedirs(args.out, exist_ok=True)
+    monitor = keras_psp.SeparationMonitor(
+        log_dir=os.path.join(args.out, "tensorboard"), verbose=0
+    )
     start = time.perf_counter()
     history = model.fit(
         x_train,
@@ -95,11 +105,10 @@ def main(argv=None) -> dict:
         batch_size=args.batch_size,
         epochs=args.epochs,
         validation_data=(x_test, y_test),
-        callbacks=[PruningReport()],
+        callbacks=[monitor, PruningReport()],
         verbose=args.verbose,
     )
     seconds = time.perf_counter() - start
-    os.makedirs(args.out, exist_ok=True)
     wrapped_path = os.path.join(args.out, "psp_model.keras")
     model.save(wrapped_path)
     plain = keras_psp.strip(model)
@@ -119,9 +128,20 @@ def main(argv=None) -> dict:
         ("latency, batch 128 ms", dense_ms, slim_ms),
     ):
         print(f"{label:>22}{before:>12.4g}{after:>12.4g}{after / before:>8.3f}")
-    print(f"saved {wrapped_path} (wrapped) and {slim_path} (slim, plain Keras)")
+    lines = []
+    keras_psp.summary(model, print_fn=lines.append, slim_model=small)
+    summary_path = os.path.join(args.out, "summary.txt")
+    with open(summary_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot_path = keras_psp.plot_alphas(model, os.path.join(args.out, "alphas.png"))
+    print(f"saved {wrapped_path} (wrapped) and {slim_path} (slim, plain Keras),")
+    print(f"      {summary_path} (per-layer summary), {plot_path} (α histograms),")
+    print(f"      {os.path.join(args.out, 'tensorboard')} (TensorBoard: α histograms, psp_*)")
     return {"history": history.history, "test_accuracy": accuracy,
             "wrapped_path": wrapped_path, "slim_path": slim_path,
+            "separation": [h["psp_separation"] for h in monitor.history],
+            "summary_path": summary_path, "plot_path": plot_path,
             "difference": difference, "flops": (keras_psp.count_flops(plain),
                                                 keras_psp.count_flops(small))}
 

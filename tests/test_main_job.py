@@ -31,6 +31,11 @@ def test_main_job_trains_saves_and_reports(tmp_path, capsys):
     assert "latency, batch 128 ms" in out and "parameters" in out and "FLOPs" in out
     before, after = result["flops"]
     assert 0 < after <= before
+    assert "separation" in out and len(result["separation"]) == 2
+    assert all(0.0 <= s <= 1.0 for s in result["separation"])
+    assert pathlib.Path(result["plot_path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Total" in pathlib.Path(result["summary_path"]).read_text()
+    assert list((tmp_path / "tensorboard").rglob("*tfevents*"))
     assert result["difference"] < 1e-4
     assert len(result["history"]["accuracy"]) == 2
     assert 0.3 < result["test_accuracy"] <= 1.0  # well above chance (0.1)
