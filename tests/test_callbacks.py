@@ -184,6 +184,12 @@ def test_warns_when_a_layer_is_about_to_lose_every_structure(rng):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         _check(monitor, model, 1)
+    with pytest.warns(UserWarning) as record:  # a fresh monitor with FLOPs: NaN, and why
+        logs = _check(SeparationMonitor(verbose=0), model)
+    messages = " | ".join(str(w.message) for w in record)
+    assert "'conv1' is about to lose every structure (0 of 8 kept)" in messages
+    assert "cannot slim the model now" in messages and "only path" in messages
+    assert math.isnan(logs["psp_flops"]) and logs["psp_cut"] == pytest.approx(8 / 25)
 
 
 def test_verbose_line(capsys, rng):
