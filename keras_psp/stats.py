@@ -8,13 +8,21 @@ here measures that split on the same scale the pruning rule uses:
   layer; 1 for a layer-wise α), exactly like `keep_mask`, so the statistic is
   unchanged by a uniform rescaling of a layer's α (which a BatchNormalization
   after the layer cancels, DESIGN.md §3);
-- on a log10 scale (floored at `FLOOR`), the *gap* between the two groups
-  that the threshold defines (smallest kept minus largest cut value) is
-  divided by the *spread* of all values (largest minus smallest);
-- `separation = gap / spread`, in [0, 1]: 0 when nothing is cut (or the
-  groups touch at the threshold), near 1 when the cut structures sit many
-  decades below every kept one. A unimodal set of α that straddles the
-  threshold scores near 0; a clearly bimodal one scores high.
+- on a log10 scale (floored at `FLOOR`, so "effectively zero" is one place),
+  the threshold splits the values into a kept and a cut group, and Otsu's
+  separability η = between-group variance / total variance (Otsu 1979) says
+  how much of the spread is the distance between the groups rather than the
+  spread within them: 1 for two point masses, lower for groups with tails
+  that meet at the threshold;
+- any threshold split of a single Gaussian has η <= 2/π (the maximum, at its
+  mean), so `separation = (η - 2/π) / (1 - 2/π)`, clipped to [0, 1]: 0 for a
+  unimodal (log-normal) α however it is cut, and when nothing (or
+  everything) is cut; about 0.3 for a flat spread of log|α|; near 1 when the
+  cut α sit decades below a compact kept group.
+
+The gap between the groups alone (smallest kept minus largest cut) was the
+first choice and proved fragile: during training a few structures are always
+on their way down through the threshold, and they decide it.
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ import numpy as np
 #: Relative |α| below this counts as this (log10 scale floor: 1e-8).
 FLOOR = 1e-8
 
+#: Otsu's η of a Gaussian split at its mean: the most any split of one Gaussian gives.
+GAUSSIAN_ETA = 2.0 / np.pi
+
 
 def relative_alpha(alpha, structure: str) -> np.ndarray:
     """|α| relative to the pruning rule's reference, flattened."""
@@ -38,7 +49,7 @@ def relative_alpha(alpha, structure: str) -> np.ndarray:
 
 
 def separation(relative: np.ndarray, threshold: float) -> float:
-    """Gap between cut and kept groups over the spread, on log10 |α|.
+    """Otsu's separability of the kept/cut split on log10 |α|, Gaussian-baselined.
 
     Args:
         relative: |α| relative to the layer's reference (`relative_alpha`);
@@ -51,20 +62,20 @@ def separation(relative: np.ndarray, threshold: float) -> float:
     Example:
 
     ```python
-    separation(np.array([1.0, 0.8, 0.9, 1e-6, 1e-7]), 1e-2)   # ≈ 0.84
-    separation(np.array([1.0, 0.5, 0.02, 0.008]), 1e-2)       # ≈ 0.19
+    separation(np.array([1.0, 0.8, 0.9, 1e-6, 1e-7]), 1e-2)   # ≈ 0.97
+    separation(np.array([1.0, 0.5, 0.02, 0.008]), 1e-2)       # 0.0
     ```
     """
     values = np.log10(np.maximum(np.asarray(relative, "float64"), FLOOR))
     kept = values >= np.log10(threshold)
-    cut_values = values[~kept]
-    if not kept.any() or not cut_values.size:
+    if kept.all() or not kept.any():
         return 0.0
-    spread = values.max() - values.min()
-    if spread <= 0:
+    total = np.sum((values - values.mean()) ** 2)
+    if total <= 0:
         return 0.0
-    gap = values[kept].min() - cut_values.max()
-    return float(np.clip(gap / spread, 0.0, 1.0))
+    within = sum(np.sum((group - group.mean()) ** 2) for group in (values[kept], values[~kept]))
+    eta = 1.0 - within / total
+    return float(np.clip((eta - GAUSSIAN_ETA) / (1.0 - GAUSSIAN_ETA), 0.0, 1.0))
 
 
 @dataclasses.dataclass

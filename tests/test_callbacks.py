@@ -8,11 +8,13 @@ import warnings
 import keras
 import numpy as np
 import pytest
+import scipy.stats
 
 from helpers import small_cnn
 from keras_psp import FlopsBudget, SeparationMonitor, count_flops, slim, wrap
 from keras_psp.callbacks import set_strength
 from keras_psp.cloning import psp_layers
+from keras_psp.stats import separation
 
 FIGURES = ("psp_cut", "psp_separation", "psp_changed", "psp_flops", "psp_params")
 
@@ -40,7 +42,34 @@ def _bimodal(n, rng, cut):
     return alpha.astype("float32")
 
 
+def _log_normal(n, decades=1.0):
+    """n Gaussian quantiles in log10 |α|, centred on the 1e-2 threshold."""
+    quantiles = scipy.stats.norm.ppf((np.arange(n) + 0.5) / n)
+    return 10.0 ** (-2.0 + decades * quantiles) / 10.0 ** (-2.0 + decades * quantiles.max())
+
+
 # -- the statistic ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [64, 1000])
+def test_separation_statistic(n, rng):
+    # one Gaussian in log10 |α| scores ~0 wherever the threshold cuts it
+    for decades in (0.5, 1.0, 3.0):
+        assert separation(_log_normal(n, decades), 1e-2) < 0.05
+        assert separation(_log_normal(n, decades), 1e-4) < 0.05
+    # two compact groups decades apart score near 1, a flat spread in between
+    two = np.r_[10 ** rng.normal(-0.2, 0.2, n - n // 5), 10 ** rng.normal(-7, 0.3, n // 5)]
+    assert separation(two / two.max(), 1e-2) > 0.9
+    flat = np.logspace(0, -8, n)
+    assert 0.2 < separation(flat, 1e-4) < 0.4
+    # 0 when one group is empty; floor: α = 0 counts as 1e-8
+    assert separation(np.ones(n), 1e-2) == 0.0
+    assert separation(np.r_[np.ones(n - 1), 0.0], 1e-2) == 1.0
+    # pulling the cut group further down raises it; tails into the gap lower it
+    assert separation(two / two.max() * np.r_[np.ones(n - n // 5), np.full(n // 5, 0.1)],
+                      1e-2) > separation(two / two.max(), 1e-2)
+    tails = np.r_[two / two.max(), np.logspace(-1.5, -3, n // 5)]
+    assert separation(tails, 1e-2) < separation(two / two.max(), 1e-2) - 0.05
 
 
 @pytest.mark.parametrize("batchnorm", [True, False], ids=["with_bn", "without_bn"])
@@ -51,16 +80,16 @@ def test_separation_high_for_bimodal_low_for_unimodal(batchnorm, rng):
     conv1.alpha.assign(_bimodal(8, rng, cut=3))
     bimodal = _check(monitor, model)
     by_layer = monitor.history[-1]["layers"]["conv1"]
-    assert by_layer["cut"] == 3 and by_layer["separation"] > 0.7
-    assert bimodal["psp_separation"] > 0.7
-    # unimodal, log-uniform over three decades: straddles the threshold
-    conv1.alpha.assign(np.logspace(0, -3, 8).astype("float32"))
+    assert by_layer["cut"] == 3 and by_layer["separation"] > 0.9
+    assert bimodal["psp_separation"] > 0.9
+    # unimodal: log-normal (Gaussian quantiles in log10) around the threshold
+    conv1.alpha.assign(_log_normal(8).astype("float32"))
     unimodal = _check(monitor, model, 1)
     assert monitor.history[-1]["layers"]["conv1"]["cut"] > 0
     assert monitor.history[-1]["layers"]["conv1"]["separation"] < 0.2
     assert unimodal["psp_separation"] < 0.2
     # a uniform rescaling (what BN cancels) changes nothing
-    for alpha in (_bimodal(8, np.random.default_rng(1), 3), np.logspace(0, -3, 8)):
+    for alpha in (_bimodal(8, np.random.default_rng(1), 3), _log_normal(8)):
         conv1.alpha.assign(np.asarray(alpha, "float32"))
         before = _check(monitor, model, 2)
         conv1.alpha.assign(np.asarray(alpha, "float32") * 0.01)
@@ -148,7 +177,7 @@ def test_patience_stops_a_frozen_run(digits, rng):
     history = model.fit(x[:64], y[:64], batch_size=32, epochs=10, verbose=0, callbacks=[monitor])
     assert len(history.history["loss"]) == 2 and monitor.stopped_epoch == 1
     # ... but not when the separation is below the target
-    monitor = SeparationMonitor(patience=2, min_separation=0.99, flops=False, verbose=0)
+    monitor = SeparationMonitor(patience=2, min_separation=1.0, flops=False, verbose=0)
     history = model.fit(x[:64], y[:64], batch_size=32, epochs=4, verbose=0, callbacks=[monitor])
     assert len(history.history["loss"]) == 4 and monitor.stopped_epoch is None
 
