@@ -17,7 +17,7 @@ import numpy as np
 
 from keras_psp.cloning import psp_layers
 from keras_psp.flops import _check, layer_flops
-from keras_psp.stats import FLOOR, layer_stats
+from keras_psp.stats import FLOOR, layer_stats, model_stats
 from keras_psp.surgery.graph import flatten
 from keras_psp.wrapper import PSP
 
@@ -219,15 +219,17 @@ def plot_alphas(model: keras.Model, path: str | os.PathLike, bins: int = 40) -> 
         )
     if int(bins) < 1:
         raise ValueError(f"plot_alphas: `bins` must be a positive integer, got {bins!r}.")
-    stats = [layer_stats(layer) for layer in layers]
+    stats, overall = model_stats(layers)
     finite = [(s, layer.threshold) for s, layer in zip(stats, layers, strict=True) if s.finite]
+    cut, total = sum(s.cut for s, _ in finite), sum(s.total for s, _ in finite)
     pooled = (
         np.concatenate([s.relative for s, _ in finite]) if finite else None,
         sorted({t for _, t in finite}),
-        f"all layers ({sum(s.cut for s, _ in finite)}/{sum(s.total for s, _ in finite)} cut)",
+        f"all layers ({cut}/{total} cut, separation {overall:.2f})",
     )
     panels = [pooled] + [
-        (s.relative if s.finite else None, [layer.threshold], f"{s.name} ({s.cut}/{s.total} cut)")
+        (s.relative if s.finite else None, [layer.threshold],
+         f"{s.name} ({s.cut}/{s.total} cut" + (f", sep. {s.separation:.2f})" if s.cut else ")"))
         for s, layer in zip(stats, layers, strict=True)
     ]
     cols = min(4, len(panels))

@@ -10,6 +10,7 @@ from helpers import small_cnn
 from keras_psp import count_flops, plot_alphas, slim, summary, wrap
 from keras_psp.cloning import psp_layers
 from keras_psp.flops import layer_flops
+from keras_psp.stats import model_stats
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -173,11 +174,13 @@ def test_plot_alphas_writes_a_png(tiny_cut, tmp_path, monkeypatch):
     assert path.stat().st_size > 0
     _png_ok(path)
     titles = [title for title, _ in seen if title]
+    stats, overall = model_stats(psp_layers(tiny_cut))
+    assert 0 < overall <= 1 and stats[1].separation > 0
     assert titles == [
-        "all layers (3/9 cut)",
+        f"all layers (3/9 cut, separation {overall:.2f})",
         "conv0 (0/2 cut)",
-        "conv1 (2/4 cut)",
-        "head (1/3 cut)",
+        f"conv1 (2/4 cut, sep. {stats[1].separation:.2f})",
+        f"head (1/3 cut, sep. {stats[2].separation:.2f})",
     ]
     assert matplotlib.rcParams["backend"] == backend
 
@@ -189,7 +192,9 @@ def test_plot_alphas_non_finite_panel(tiny_cut, tmp_path, monkeypatch):
     _png_ok(path)
     texts = {title: texts for title, texts in seen if title}
     assert texts["conv1 (0/4 cut)"] == ["non-finite α"]
-    assert texts["conv0 (0/2 cut)"] == [] and texts["all layers (1/5 cut)"] == []
+    _, overall = model_stats(psp_layers(tiny_cut))
+    assert texts["conv0 (0/2 cut)"] == []
+    assert texts[f"all layers (1/5 cut, separation {overall:.2f})"] == []
 
 
 def test_plot_alphas_errors(tmp_path):
