@@ -36,6 +36,7 @@ setup(
             "ruff",
         ],
         "deploy": ["ai-edge-litert"],
+        "plot": ["matplotlib"],
         "tfmot": ["tensorflow-model-optimization", "tf_keras"],
     },
     entry_points={"console_scripts": ["keras-psp=keras_psp.cli:main"]},

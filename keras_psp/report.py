@@ -206,8 +206,12 @@ def plot_alphas(model: keras.Model, path: str | os.PathLike, bins: int = 40) -> 
     keras_psp.plot_alphas(wrapped, "alphas.png")
     ```
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("plot_alphas needs matplotlib: `pip install matplotlib` "
+                          "(or `pip install keras_psp[plot]`).") from error
 
     if not isinstance(model, keras.Model):
         raise TypeError(f"plot_alphas expects a keras.Model, got {type(model).__name__}.")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what keras_psp's main job and tests need. Safe to run again.
-#   bash scripts/setup.sh          # package + deployment extras
+#   bash scripts/setup.sh          # package + deployment and plotting extras
 #   bash scripts/setup.sh test     # ... + test extras (pytest, JAX, ...)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,8 +15,8 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
     || echo "[setup] could not install dataset-fashion-mnist; keras will try to download it"
 fi
 
-extras="deploy"
-if [ "${1:-}" = "test" ]; then extras="deploy,test"; fi
+extras="deploy,plot"
+if [ "${1:-}" = "test" ]; then extras="deploy,plot,test"; fi
 echo "[setup] pip install -e .[$extras]"
 "$PYTHON" -m pip install -q --disable-pip-version-check -e ".[$extras]" 2>&1 \
   | grep -v "Running pip as the 'root' user" || true

@@ -204,3 +204,13 @@ def test_plot_alphas_errors(tmp_path):
         plot_alphas(wrap(_tiny()), tmp_path / "x.png", bins=0)
     with pytest.raises(TypeError, match="keras.Model"):
         plot_alphas(L.Dense(2), tmp_path / "x.png")
+
+
+def test_plot_alphas_without_matplotlib(tiny_cut, tmp_path, monkeypatch):
+    import sys
+
+    for name in ("matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        plot_alphas(tiny_cut, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
