@@ -3,6 +3,7 @@
 from keras_psp._version import __version__
 from keras_psp.callbacks import FlopsBudget, SeparationMonitor
 from keras_psp.cloning import strip, wrap
+from keras_psp.export import export
 from keras_psp.flops import count_flops, count_params
 from keras_psp.report import plot_alphas, summary
 from keras_psp.structures import STRUCTURES
@@ -10,4 +11,4 @@ from keras_psp.surgery.slim import slim
 from keras_psp.verify import verify
 from keras_psp.wrapper import PSP, keep_mask
 
-__all__ = ["FlopsBudget", "PSP", "STRUCTURES", "SeparationMonitor", "__version__", "count_flops", "count_params", "keep_mask", "plot_alphas", "slim", "strip", "summary", "verify", "wrap"]
+__all__ = ["FlopsBudget", "PSP", "STRUCTURES", "SeparationMonitor", "__version__", "count_flops", "count_params", "export", "keep_mask", "plot_alphas", "slim", "strip", "summary", "verify", "wrap"]
