@@ -5,7 +5,9 @@ convolution and the classifier of a ResNet-8 in `keras_psp.PSP`, trains with
 SGD + momentum and a cosine schedule, prints per-epoch accuracy and how many
 structures are below the pruning threshold, saves the trained wrapped
 model (`.keras`), and slims it: a physically smaller plain Keras model,
-verified against the pruned one, with parameters, FLOPs and latency before → after.
+verified against the pruned one, exported as a SavedModel (XLA) and a LiteRT
+file (each verified after writing), with parameters, FLOPs, file size and
+latency (XLA batch 128, LiteRT batch 1) before → after.
 
     python examples/fashion_mnist.py                 # the default run
     python examples/fashion_mnist.py --epochs 30     # train longer
@@ -118,16 +120,23 @@ def main(argv=None) -> dict:
     small.save(slim_path)
     small.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     _, accuracy = small.evaluate(x_test, y_test, batch_size=512, verbose=0)
-    dense_ms, slim_ms = latency_ms(plain, small, x_test[:128])
     print(f"trained in {seconds:.0f} s; test accuracy of the slim model {accuracy:.4f}")
     print(f"slim vs pruned model: max |difference| {difference:.2e} on 1000 test images")
-    print(f"{'':>22}{'before':>12}{'after':>12}{'ratio':>8}")
+    exported = export_both(plain, small, x_test[:256], args.out)
+    for report in exported.values():
+        print(report)
+    dense_ms, slim_ms = latency_ms(plain, small, x_test[:128])
+    dense_lite, slim_lite = litert_ms(exported["dense_tflite"].path, exported["slim_tflite"].path,
+                                      x_test[:1])
+    print(f"{'':>26}{'before':>12}{'after':>12}{'ratio':>8}")
     for label, before, after in (
         ("parameters", plain.count_params(), small.count_params()),
         ("FLOPs (MACs/image)", keras_psp.count_flops(plain), keras_psp.count_flops(small)),
-        ("latency, batch 128 ms", dense_ms, slim_ms),
+        (".tflite size (bytes)", exported["dense_tflite"].size, exported["slim_tflite"].size),
+        ("XLA latency, batch 128 ms", dense_ms, slim_ms),
+        ("LiteRT latency, batch 1 ms", dense_lite, slim_lite),
     ):
-        print(f"{label:>22}{before:>12.4g}{after:>12.4g}{after / before:>8.3f}")
+        print(f"{label:>26}{before:>12.4g}{after:>12.4g}{after / before:>8.3f}")
     lines = []
     keras_psp.summary(model, print_fn=lines.append, slim_model=small)
     summary_path = os.path.join(args.out, "summary.txt")
@@ -137,13 +146,46 @@ def main(argv=None) -> dict:
     plot_path = keras_psp.plot_alphas(model, os.path.join(args.out, "alphas.png"))
     print(f"saved {wrapped_path} (wrapped) and {slim_path} (slim, plain Keras),")
     print(f"      {summary_path} (per-layer summary), {plot_path} (α histograms),")
-    print(f"      {os.path.join(args.out, 'tensorboard')} (TensorBoard: α histograms, psp_*)")
+    print(f"      {os.path.join(args.out, 'tensorboard')} (TensorBoard: α histograms, psp_*),")
+    print(f"      {exported['slim_saved_model'].path} (SavedModel, XLA) and "
+          f"{exported['slim_tflite'].path} (LiteRT), both verified")
     return {"history": history.history, "test_accuracy": accuracy,
             "wrapped_path": wrapped_path, "slim_path": slim_path,
             "separation": [h["psp_separation"] for h in monitor.history],
             "summary_path": summary_path, "plot_path": plot_path,
             "difference": difference, "flops": (keras_psp.count_flops(plain),
-                                                keras_psp.count_flops(small))}
+                                                keras_psp.count_flops(small)),
+            "exported": exported, "latency_ms": {"xla_b128": (dense_ms, slim_ms),
+                                                 "litert_b1": (dense_lite, slim_lite)}}
+
+
+def export_both(plain, small, x, out: str) -> dict:
+    """Exports the slim model (SavedModel with XLA, LiteRT) and, for the
+    latency comparison, the unpruned one (LiteRT); each file is verified."""
+    return {
+        "slim_saved_model": keras_psp.export(small, os.path.join(out, "slim_saved_model"),
+                                             jit_compile=True, check_inputs=x, overwrite=True),
+        "slim_tflite": keras_psp.export(small, os.path.join(out, "slim_model.tflite"),
+                                        format="tflite", check_inputs=x, overwrite=True),
+        "dense_tflite": keras_psp.export(plain, os.path.join(out, "dense_model.tflite"),
+                                         format="tflite", check_inputs=x, overwrite=True),
+    }
+
+
+def litert_ms(a: str, b: str, x, rounds: int = 15, invokes: int = 20) -> tuple[float, float]:
+    """Median time (ms) of one batch-1 LiteRT inference, two files, interleaved."""
+    from keras_psp.runtimes import LiteRTRunner
+
+    runners = [LiteRTRunner(path, threads=1) for path in (a, b)]
+    prepared = [runner.prepare([x]) for runner in runners]
+    times = ([], [])
+    for _ in range(rounds):
+        for runner, inputs, bucket in zip(runners, prepared, times, strict=True):
+            start = time.perf_counter()
+            for _ in range(invokes):
+                runner.run(inputs)
+            bucket.append((time.perf_counter() - start) * 1e3 / invokes)
+    return float(np.median(times[0])), float(np.median(times[1]))
 
 
 def latency_ms(a, b, x, rounds: int = 15) -> tuple[float, float]:

@@ -28,7 +28,8 @@ def test_main_job_trains_saves_and_reports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "epoch 1: accuracy" in out and "epoch 2: accuracy" in out
     assert "structures below threshold" in out
-    assert "latency, batch 128 ms" in out and "parameters" in out and "FLOPs" in out
+    assert "XLA latency, batch 128 ms" in out and "LiteRT latency, batch 1 ms" in out
+    assert "parameters" in out and "FLOPs" in out and ".tflite size" in out
     before, after = result["flops"]
     assert 0 < after <= before
     assert "separation" in out and len(result["separation"]) == 2
@@ -40,7 +41,24 @@ def test_main_job_trains_saves_and_reports(tmp_path, capsys):
     assert len(result["history"]["accuracy"]) == 2
     assert 0.3 < result["test_accuracy"] <= 1.0  # well above chance (0.1)
 
+    exported = result["exported"]
+    for report in exported.values():  # each file was reloaded and compared
+        assert report.checked == 256 and report.max_diff < 1e-4
+    # float32 weights dominate the file (2 epochs cut little: sizes are close)
+    slim_params = keras.saving.load_model(result["slim_path"]).count_params()
+    assert 4 * slim_params < exported["slim_tflite"].size < 4 * slim_params + 100_000
+    assert (tmp_path / "slim_saved_model" / "saved_model.pb").exists()
+    assert all(t > 0 for pair in result["latency_ms"].values() for t in pair)
+    from ai_edge_litert.interpreter import Interpreter
+
+    lite = Interpreter(model_path=str(tmp_path / "slim_model.tflite"))
+    lite.allocate_tensors()
+    x1 = np.random.default_rng(1).random((1, 28, 28, 1)).astype("float32")
+    lite.set_tensor(lite.get_input_details()[0]["index"], x1)
+    lite.invoke()
     wrapped = keras.saving.load_model(result["wrapped_path"])
+    np.testing.assert_allclose(lite.get_tensor(lite.get_output_details()[0]["index"]),
+                               wrapped.predict(x1, verbose=0), rtol=1e-4, atol=1e-5)
     plain = keras.saving.load_model(result["slim_path"])
     assert len(psp_layers(wrapped)) == 10 and not psp_layers(plain)
     x = np.random.default_rng(0).random((8, 28, 28, 1)).astype("float32")
