@@ -1,7 +1,8 @@
 """keras_psp: Parameterized Structured Pruning for Keras 3."""
 
 from keras_psp._version import __version__
-from keras_psp.callbacks import FlopsBudget, SeparationMonitor
+from keras_psp.budget import FlopsBudget
+from keras_psp.callbacks import SeparationMonitor
 from keras_psp.cloning import strip, wrap
 from keras_psp.export import export
 from keras_psp.flops import count_flops, count_params

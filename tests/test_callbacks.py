@@ -12,7 +12,7 @@ import scipy.stats
 
 from helpers import small_cnn
 from keras_psp import FlopsBudget, SeparationMonitor, count_flops, slim, wrap
-from keras_psp.callbacks import set_strength
+from keras_psp.budget import set_strength
 from keras_psp.cloning import psp_layers
 from keras_psp.stats import separation
 
@@ -267,6 +267,8 @@ def test_budget_argument_errors():
         FlopsBudget(tolerance=0)
     with pytest.raises(ValueError, match="`factor`"):
         FlopsBudget(factor=1.0)
+    with pytest.raises(ValueError, match="`checks_per_epoch`"):
+        FlopsBudget(checks_per_epoch=0)
     model = wrap(small_cnn(), regularizer=None)
     model.compile("sgd", "mse")
     budget = FlopsBudget()
@@ -312,8 +314,13 @@ def test_budget_pushes_during_fit_while_nothing_is_cut(digits):
         history = model.fit(x[:256], y[:256], batch_size=64, epochs=3, verbose=0,
                             callbacks=[budget])
     strengths = history.history["psp_strength"]
-    assert strengths[0] == pytest.approx(1e-2) and strengths[0] < strengths[1] < strengths[2]
+    assert 1e-2 < strengths[0] < strengths[1] < strengths[2]
     assert history.history["psp_flops"] == [1.0, 1.0, 1.0]
+    # 4 checks per epoch (steps 1, 2, 3 and the epoch end), each one pushing
+    assert [c["epochs"] for c in budget.checks[:4]] == [0.25, 0.5, 0.75, 1]
+    assert len(budget.checks) == 12 and budget.checks[0]["strength"] == pytest.approx(1e-2)
+    pushes = [c["new_strength"] / c["strength"] for c in budget.checks]
+    assert all(1 < p <= 2 ** 0.25 + 1e-9 for p in pushes)  # at most `factor` per epoch
     assert psp_layers(model)[0].alpha_regularizer.l2 == pytest.approx(budget.strength)
 
 

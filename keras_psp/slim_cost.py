@@ -1,0 +1,51 @@
+"""What slimming would give now: the shared core of the PSP callbacks."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from keras_psp.cloning import psp_layers
+from keras_psp.flops import count_flops
+from keras_psp.surgery.slim import slim
+
+
+def require_psp_layers(model, who: str) -> list:
+    layers = psp_layers(model)
+    if not layers:
+        raise ValueError(f"{who}: model '{model.name}' has no PSP layers, nothing to watch; "
+                         "wrap it first (`keras_psp.wrap(model)` or `keras_psp.PSP` layers).")
+    return layers
+
+
+def masks(layers, finite=None, previous=None) -> list[np.ndarray]:
+    """Keep masks; a layer with non-finite α keeps its `previous` mask."""
+    finite = finite or [True] * len(layers)
+    return [np.ravel(layer.mask()) if ok else old
+            for layer, ok, old in zip(layers, finite, previous or finite, strict=True)]
+
+
+class SlimCost:
+    """(FLOPs, parameters) of `slim(model)` over the unpruned model's; cached by masks."""
+
+    def __init__(self, model, layers):
+        self.model, self.flops = model, count_flops(model)
+        self.params = model.count_params() - sum(  # the stripped (plain) model
+            int(np.prod(layer.alpha.shape)) for layer in layers)
+        self._key, self.value, self.error = None, (math.nan, math.nan), None
+
+    def __call__(self, masks) -> tuple[float, float]:
+        key = b"|".join(np.packbits(m).tobytes() for m in masks)
+        if key != self._key:
+            self._key, self.value, self.error = key, (math.nan, math.nan), None
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    small = slim(self.model)
+                self.value = (count_flops(small) / max(self.flops, 1),
+                              small.count_params() / max(self.params, 1))
+            except Exception as error:  # non-finite α, a cut-off model: NaN
+                self.error = error
+        return self.value
