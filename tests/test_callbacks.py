@@ -296,6 +296,28 @@ def test_budget_moves_the_strength_the_right_way(rng):
     assert [h["strength"] for h in budget.history] == pytest.approx([1e-2, pushed])
 
 
+def test_budget_holds_the_cut_set_once_reached(rng):
+    model = _model(strength=1e-2)
+    budget = FlopsBudget(target=0.5, tolerance=0.2, verbose=0)
+    budget.set_model(model)
+    budget.set_params({"epochs": 10})
+    budget.on_train_begin()
+    conv1 = model.get_layer("conv1")
+    alpha = _bimodal(8, rng, cut=6)
+    conv1.alpha.assign(alpha)
+    budget.on_epoch_end(0, {})  # within target + tolerance / 4: hold from now on
+    assert budget.locked_at == 1 and budget.strength == pytest.approx(1e-4)
+    kept, fraction = conv1.mask().copy(), budget.fraction
+    assert kept[6:].all() and not kept[:6].any()
+    for relative in (0.0125, 0.008, 0.005):  # a kept α falls relative to the largest ...
+        alpha[6:] = (relative, 1.0)
+        conv1.alpha.assign(alpha)
+        budget.on_epoch_end(1, {})
+        np.testing.assert_array_equal(conv1.mask(), kept)  # ... but stays kept
+    assert conv1.threshold < 5e-3 and budget.fraction == pytest.approx(fraction)
+    assert psp_layers(model)[0].threshold == 1e-2  # layers with room keep theirs
+
+
 def _digits_cnn(widths=(32, 64)):
     """small_cnn's shape (conv → BN → relu, twice; GAP; dense), wider: finer FLOPs steps."""
     inputs = x = keras.Input((8, 8, 1))
