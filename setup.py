@@ -23,6 +23,7 @@ setup(
         "keras>=3.5,<4",
         "tensorflow>=2.16",
         "tensorflow-datasets",
+        "tensorboard",
         "numpy",
     ],
     extras_require={

@@ -49,6 +49,58 @@ def _softmax(x, num_classes, weight_decay):
     )(x)
 
 
+def _basic_block(x, inner, width, stride, weight_decay, prefix):
+    """Post-activation basic block: conv-BN-ReLU, conv-BN, + shortcut, ReLU."""
+    y = _conv_bn(x, inner, stride, weight_decay, f"{prefix}a")
+    y = _conv_bn(y, width, 1, weight_decay, f"{prefix}b", relu=False)
+    if stride != 1 or x.shape[-1] != width:
+        x = _conv_bn(x, width, stride, weight_decay, f"{prefix}p", relu=False, kernel_size=1)
+    x = layers.Add(name=f"{prefix}_add")([x, y])
+    return layers.ReLU(name=f"{prefix}_out")(x)
+
+
+def _preact_block(x, inner, width, stride, weight_decay, prefix):
+    """Pre-activation basic block: BN-ReLU-conv twice, + shortcut (no ReLU).
+
+    The branch ends in its second convolution, whose output meets the
+    shortcut directly: a scale on that convolution is not cancelled by a BN.
+    """
+    pre = layers.ReLU(name=f"{prefix}_pre_relu")(_bn(x, f"{prefix}_pre_bn"))
+    if stride != 1 or x.shape[-1] != width:
+        x = _conv(pre, width, weight_decay, f"{prefix}p_conv", kernel_size=1, stride=stride)
+    y = _conv_bn(pre, inner, stride, weight_decay, f"{prefix}a")
+    y = _conv(y, width, weight_decay, f"{prefix}b_conv")
+    return layers.Add(name=f"{prefix}_add")([x, y])
+
+
+def _stages(x, widths, blocks, inner_widths, weight_decay, preactivation):
+    """Residual stages; the first block of every stage but the first has stride 2."""
+    block_fn = _preact_block if preactivation else _basic_block
+    index = 0
+    for stage, (width, count) in enumerate(zip(widths, blocks, strict=True)):
+        for block in range(count):
+            stride = 2 if stage > 0 and block == 0 else 1
+            x = block_fn(
+                x, inner_widths[index], width, stride, weight_decay, f"s{stage + 1}b{block + 1}"
+            )
+            index += 1
+    if preactivation:
+        x = layers.ReLU(name="final_relu")(_bn(x, "final_bn"))
+    return x
+
+
+def _inner_widths(inner_widths, widths, blocks, what):
+    if inner_widths is None:
+        return [w for w, n in zip(widths, blocks, strict=True) for _ in range(n)]
+    inner_widths = list(inner_widths)
+    if len(inner_widths) != sum(blocks):
+        raise ValueError(
+            f"inner_widths needs one width per block: {sum(blocks)} for {what}, "
+            f"got {len(inner_widths)}."
+        )
+    return inner_widths
+
+
 def cifar_resnet(
     depth: int = 56,
     widths: Sequence[int] = (16, 32, 64),
@@ -57,12 +109,21 @@ def cifar_resnet(
     weight_decay: float = 5e-4,
     stem_stride: int = 1,
     inner_widths: Sequence[int] | None = None,
+    preactivation: bool = False,
     name: str | None = None,
 ) -> keras.Model:
     """The CIFAR ResNet of He et al. (2016): `depth = 6n + 2`, basic blocks.
 
     Three stages of `n` two-convolution blocks with `widths` filters; a
     stride-2, 1×1 projection shortcut where the shape changes.
+
+    With `preactivation`, the blocks are the full pre-activation blocks of
+    He et al., "Identity Mappings in Deep Residual Networks" (2016): BN →
+    ReLU → conv twice, added to the shortcut without a ReLU after, the
+    projection reading the pre-activated input, and BN → ReLU before the
+    pooling. Each branch then ends in its convolution `s{i}b{j}b_conv`, not
+    in a BN: a layer-wise PSP scale there weighs the whole branch against
+    the shortcut (`structure="layer"`; a BN right after would cancel it).
 
     Args:
         depth: 8, 20, 32, 44, 56, 110...
@@ -76,7 +137,8 @@ def cifar_resnet(
             the filters of each block's first convolution (`s{i}b{j}a_conv`),
             hence the input channels of its second. `None`: the stage width.
             Rebuilds, say, a pruned ResNet-56 at its pruned widths.
-        name: Model name; defaults to `resnet{depth}`.
+        preactivation: Pre-activation blocks (see above).
+        name: Model name; defaults to `resnet{depth}` (`preact_resnet{depth}`).
 
     Example:
 
@@ -87,34 +149,84 @@ def cifar_resnet(
     """
     if (depth - 2) % 6 or depth < 8:
         raise ValueError(f"depth must be 6n + 2 (8, 20, 56...), got {depth}.")
-    blocks = (depth - 2) // 6
     widths = tuple(widths)
-    if inner_widths is None:
-        inner_widths = [w for w in widths for _ in range(blocks)]
-    inner_widths = list(inner_widths)
-    if len(inner_widths) != len(widths) * blocks:
-        raise ValueError(
-            f"inner_widths needs one width per block: {len(widths) * blocks} for "
-            f"depth {depth} ({len(widths)} stages of {blocks}), got {len(inner_widths)}."
-        )
+    blocks = [(depth - 2) // 6] * len(widths)
+    inner_widths = _inner_widths(
+        inner_widths, widths, blocks, f"depth {depth} ({len(widths)} stages of {blocks[0]})"
+    )
     inputs = keras.Input(input_shape, name="image")
-    x = _conv_bn(inputs, widths[0], stem_stride, weight_decay, "stem")
-    for stage, width in enumerate(widths):
-        for block in range(blocks):
-            stride = 2 if stage > 0 and block == 0 else 1
-            prefix = f"s{stage + 1}b{block + 1}"
-            inner = inner_widths[stage * blocks + block]
-            y = _conv_bn(x, inner, stride, weight_decay, f"{prefix}a")
-            y = _conv_bn(y, width, 1, weight_decay, f"{prefix}b", relu=False)
-            if stride != 1 or x.shape[-1] != width:
-                x = _conv_bn(
-                    x, width, stride, weight_decay, f"{prefix}p", relu=False, kernel_size=1
-                )
-            x = layers.Add(name=f"{prefix}_add")([x, y])
-            x = layers.ReLU(name=f"{prefix}_out")(x)
+    if preactivation:
+        x = _conv(inputs, widths[0], weight_decay, "stem_conv", stride=stem_stride)
+    else:
+        x = _conv_bn(inputs, widths[0], stem_stride, weight_decay, "stem")
+    x = _stages(x, widths, blocks, inner_widths, weight_decay, preactivation)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="logits")(x)
-    return keras.Model(inputs, outputs, name=name or f"resnet{depth}")
+    default = f"preact_resnet{depth}" if preactivation else f"resnet{depth}"
+    return keras.Model(inputs, outputs, name=name or default)
+
+
+IMAGENET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+
+
+def imagenet_resnet(
+    depth: int = 18,
+    widths: Sequence[int] = (64, 128, 256, 512),
+    input_shape: tuple[int, int, int] = (224, 224, 3),
+    num_classes: int = 1000,
+    weight_decay: float = 5e-5,
+    inner_widths: Sequence[int] | None = None,
+    name: str | None = None,
+) -> keras.Model:
+    """The ImageNet ResNet-18 or -34 of He et al. (2016), basic blocks.
+
+    A 7×7 stride-2 stem (conv → BN → ReLU) and 3×3 stride-2 max pooling,
+    four stages of basic blocks (2-2-2-2 or 3-4-6-3; stride 2 at the start
+    of stages 2-4, with a 1×1 projection shortcut + BN), global average
+    pooling and a softmax. With the default widths the parameters match
+    torchvision's `resnet18`/`resnet34` (11.69 M / 21.80 M trainable). For
+    ResNet-50 use `keras.applications.ResNet50(weights=None)`.
+
+    Layer names follow `cifar_resnet`: `stem_conv`, `stem_bn`, `stem_pool`,
+    `s{i}b{j}a_conv` / `b_conv` / `p_conv` (and `_bn`), `s{i}b{j}_add`,
+    `pool`, `logits`.
+
+    Args:
+        depth: 18 or 34.
+        widths: Filters of the four stages (narrower ones make test models).
+        input_shape: Image shape, channels last (any size ≥ 32).
+        num_classes: Size of the softmax output.
+        weight_decay: L2 strength on the convolution and dense kernels
+            (Keras's `L2`: 5e-5 is SGD weight decay 1e-4).
+        inner_widths: One width per block (filters of its first convolution);
+            `None`: the stage width.
+        name: Model name; defaults to `resnet{depth}`.
+
+    Example:
+
+    ```python
+    model = keras_psp.models.imagenet_resnet(18)
+    tiny = keras_psp.models.imagenet_resnet(18, widths=(8, 16, 32, 64), input_shape=(32, 32, 3))
+    ```
+    """
+    if depth not in IMAGENET_BLOCKS:
+        raise ValueError(
+            f"imagenet_resnet builds depth 18 or 34 (basic blocks), got {depth}. "
+            "For ResNet-50 use keras.applications.ResNet50(weights=None)."
+        )
+    widths = tuple(widths)
+    if len(widths) != 4:
+        raise ValueError(f"imagenet_resnet needs 4 stage widths, got {widths}.")
+    blocks = IMAGENET_BLOCKS[depth]
+    inner_widths = _inner_widths(inner_widths, widths, blocks, f"ResNet-{depth}")
+    inputs = keras.Input(input_shape, name="image")
+    x = _conv_bn(inputs, widths[0], 2, weight_decay, "stem", kernel_size=7)
+    x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
+    x = _stages(x, widths, blocks, inner_widths, weight_decay, preactivation=False)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(
+        inputs, _softmax(x, num_classes, weight_decay), name=name or f"resnet{depth}"
+    )
 
 
 def densenet(

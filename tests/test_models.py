@@ -6,7 +6,7 @@ import pytest
 from keras import layers as L
 
 from helpers import to_numpy
-from keras_psp.models import cifar_resnet, densenet, vgg
+from keras_psp.models import cifar_resnet, densenet, imagenet_resnet, vgg
 
 
 def _trainable(model):
@@ -80,6 +80,48 @@ def test_inner_widths_of_the_wrong_length_raise(inner):
         cifar_resnet(20, inner_widths=inner)
 
 
+def test_imagenet_resnet_parameter_counts_match_torchvision():
+    # torchvision's resnet18 / resnet34 (trainable: no BN moving statistics).
+    assert _trainable(imagenet_resnet(18)) == 11_689_512
+    assert _trainable(imagenet_resnet(34)) == 21_797_672
+
+
+def test_imagenet_resnet_layers():
+    model = imagenet_resnet(18, widths=(4, 8, 16, 32), input_shape=(32, 32, 3), num_classes=7)
+    assert model.name == "resnet18" and model.output.shape == (None, 7)
+    assert model.get_layer("stem_conv").kernel.shape == (7, 7, 3, 4)
+    assert model.get_layer("stem_conv").strides == (2, 2)
+    assert model.get_layer("stem_pool").output.shape == (None, 8, 8, 4)
+    assert model.get_layer("s4b2_out").output.shape == (None, 1, 1, 32)
+    projections = sorted(la.name for la in model.layers if la.name.endswith("p_conv"))
+    assert projections == ["s2b1p_conv", "s3b1p_conv", "s4b1p_conv"]
+    assert isinstance(model.get_layer("logits").kernel_regularizer, keras.regularizers.L2)
+    thin = imagenet_resnet(18, widths=(4, 8, 16, 32), input_shape=(32, 32, 3),
+                           inner_widths=(1, 2, 3, 4, 5, 6, 7, 8))
+    assert thin.get_layer("s3b2a_conv").filters == 6
+    for kwargs, match in ((dict(depth=50), "ResNet50"), (dict(widths=(8, 16)), "4 stage widths"),
+                          (dict(inner_widths=[4] * 7), "one width per block: 8")):
+        with pytest.raises(ValueError, match=match):
+            imagenet_resnet(**kwargs)
+
+
+def test_preactivation_blocks_end_in_their_convolution():
+    model = cifar_resnet(8, widths=(4, 8, 16), input_shape=(8, 8, 3), preactivation=True)
+    assert model.name == "preact_resnet8"
+    names = {la.name for la in model.layers}
+    assert "stem_bn" not in names and {"final_bn", "final_relu"} <= names
+    assert not any(name.endswith("_out") for name in names)  # no ReLU after the addition
+    for prefix in ("s1b1", "s2b1", "s3b1"):
+        add = model.get_layer(f"{prefix}_add")
+        branch_end = model.get_layer(f"{prefix}b_conv")
+        assert any(t is branch_end.output for t in add.input)
+        assert isinstance(model.get_layer(f"{prefix}_pre_bn"), L.BatchNormalization)
+    projection = model.get_layer("s2b1p_conv")  # reads the pre-activated input, no BN after
+    assert projection.input is model.get_layer("s2b1_pre_relu").output
+    assert "s2b1p_bn" not in names
+    assert sum(la.count_params() for la in model.layers) == model.count_params()
+
+
 def test_vgg_flatten_feeds_dense():
     model = vgg((8, "M", 16, 16, "M"), dense_units=(12, 6), input_shape=(8, 8, 3))
     flatten = model.get_layer("flatten")
@@ -100,12 +142,14 @@ def test_vgg_flatten_feeds_dense():
     "build",
     [
         lambda: cifar_resnet(8, input_shape=(8, 8, 3), inner_widths=(3, 5, 7)),
+        lambda: cifar_resnet(8, input_shape=(8, 8, 3), preactivation=True),
+        lambda: imagenet_resnet(18, (4, 8, 8, 8), input_shape=(8, 8, 3), num_classes=10),
         lambda: densenet(7, growth_rate=4, input_shape=(8, 8, 3)),
         lambda: densenet(10, 4, bottleneck=True, compression=0.5, input_shape=(8, 8, 3)),
         lambda: vgg(input_shape=(8, 8, 3)),
         lambda: vgg(batchnorm=False, dense_units=(16, 8), input_shape=(8, 8, 3)),
     ],
-    ids=["resnet8_inner", "densenet7", "densenet_bc10", "vgg", "vgg_no_bn"],
+    ids=["resnet8_inner", "preact_resnet8", "resnet18", "densenet7", "densenet_bc10", "vgg", "vgg_no_bn"],
 )
 def test_forward_and_keras_round_trip(build, rng, tmp_path):
     model = build()
