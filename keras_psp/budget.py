@@ -66,11 +66,12 @@ class FlopsBudget(keras.callbacks.Callback):
       loads the pruning: with a decaying learning rate, late epochs move α
       little whatever the strength.
     - once the fraction reaches `target + tolerance / 4` it holds the cut set:
-      the strength goes to `min_strength`, and at every later check each
-      layer's `threshold` is lowered below its smallest kept relative |α|, so
-      no more structures are cut (with BN, α already on their way down go on
-      falling for epochs even at zero strength: on Fashion-MNIST 0.28 → 0.16
-      of the FLOPs). `locked_at` records when (in epochs).
+      the strength goes to `min_strength`, and at every later check the α of
+      cut structures are set to exactly 0 and each layer's `threshold` is
+      kept 100× below its smallest kept relative |α|, so no more structures
+      are cut (with BN, α already on their way down go on falling for epochs
+      even at zero strength: on Fashion-MNIST 0.28 → 0.16 of the FLOPs).
+      `locked_at` records when (in epochs).
     A change takes effect via a rebuilt train function (`set_strength`). Logs
     `psp_strength` (during the epoch), and `psp_flops` unless a monitor did.
     `tolerance` is absolute: 0.05 accepts 0.45 to 0.55 for a target of 0.5.
@@ -150,20 +151,26 @@ class FlopsBudget(keras.callbacks.Callback):
         set_strength(self.model, strength, rebuild=rebuild)
 
     def _hold_cut_set(self) -> bool:
-        """Lowers each layer's threshold below its smallest kept |α| (relative)
-        so that no more structures are cut: with BN, α in transit go on
-        falling after the strength is lowered (DESIGN.md §3). True if any
-        threshold changed (the train function must be rebuilt)."""
+        """Keeps the cut set: the α of cut structures become exactly 0 (cut
+        whatever the threshold; no change to the function, they are zero in
+        the forward pass already), and each layer's threshold is kept 100×
+        below its smallest kept |α| (relative): with BN, α on their way down
+        go on falling after the strength is lowered, faster than 2× between
+        checks (DESIGN.md §3). True if a threshold changed (the train
+        function must be rebuilt)."""
         changed = False
         for layer in self._layers:
-            alpha = np.abs(np.ravel(keras.ops.convert_to_numpy(layer.alpha)).astype("float64"))
+            alpha = np.ravel(keras.ops.convert_to_numpy(layer.alpha)).astype("float64")
             keep = np.ravel(layer.mask())
             if not keep.any() or not np.all(np.isfinite(alpha)):
                 continue
-            reference = 1.0 if layer.structure == "layer" else alpha.max()
-            smallest = alpha[keep].min() / reference
-            if smallest < 2 * layer.threshold:
-                layer.threshold = max(smallest / 2, 1e-12)
+            if not keep.all():
+                cut = np.where(keep, alpha, 0.0).reshape(layer.alpha.shape)
+                layer.alpha.assign(cut.astype(layer.alpha.dtype))
+            reference = 1.0 if layer.structure == "layer" else np.abs(alpha).max()
+            smallest = np.abs(alpha[keep]).min() / reference
+            if smallest < 10 * layer.threshold:
+                layer.threshold = max(smallest / 100, 1e-12)
                 changed = True
         return changed
 

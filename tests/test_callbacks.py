@@ -289,10 +289,11 @@ def test_budget_moves_the_strength_the_right_way(rng):
     pushed = budget.strength
     assert 1e-2 < pushed <= 2e-2
     assert all(p.alpha_regularizer.l2 == pytest.approx(pushed) for p in psp_layers(model))
-    model.get_layer("conv1").alpha.assign(_bimodal(8, rng, cut=6))  # far below: brake
+    model.get_layer("conv1").alpha.assign(_bimodal(8, rng, cut=6))  # past the target: hold
     logs = {}
     budget.on_epoch_end(1, logs)
-    assert logs["psp_flops"] < 0.45 and budget.strength == pytest.approx(pushed / 2)
+    assert logs["psp_flops"] < 0.45 and budget.strength == pytest.approx(1e-4)  # start / 100
+    assert budget.locked_at == 2
     assert [h["strength"] for h in budget.history] == pytest.approx([1e-2, pushed])
 
 
@@ -307,6 +308,7 @@ def test_budget_holds_the_cut_set_once_reached(rng):
     conv1.alpha.assign(alpha)
     budget.on_epoch_end(0, {})  # within target + tolerance / 4: hold from now on
     assert budget.locked_at == 1 and budget.strength == pytest.approx(1e-4)
+    assert np.all(keras.ops.convert_to_numpy(conv1.alpha)[:6] == 0)  # cut for good
     kept, fraction = conv1.mask().copy(), budget.fraction
     assert kept[6:].all() and not kept[:6].any()
     for relative in (0.0125, 0.008, 0.005):  # a kept α falls relative to the largest ...
