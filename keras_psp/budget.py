@@ -43,6 +43,18 @@ def set_strength(model: keras.Model, strength: float, rebuild: bool = True) -> N
         model.make_train_function(force=True)
 
 
+def _zero_entries(optimizer, variable, entries: np.ndarray) -> None:
+    """Sets `entries` (a flat boolean mask) of `variable` and of its optimizer
+    slots (Keras names them `<variable path>_<slot>`) to 0."""
+    slot_prefix = variable.path.replace("/", "_") + "_"
+    slots = [v for v in getattr(optimizer, "variables", [])
+             if v.name.startswith(slot_prefix) and tuple(v.shape) == tuple(variable.shape)]
+    for target in [variable, *slots]:
+        value = np.ravel(keras.ops.convert_to_numpy(target)).copy()
+        value[entries] = 0
+        target.assign(value.reshape(tuple(target.shape)).astype(target.dtype))
+
+
 class FlopsBudget(keras.callbacks.Callback):
     """Adapts the α regularization strength so the slimmed model meets a FLOPs budget.
 
@@ -67,7 +79,7 @@ class FlopsBudget(keras.callbacks.Callback):
       little whatever the strength.
     - once the fraction reaches `target + tolerance / 4` it holds the cut set:
       the strength goes to `min_strength`, and at every later check the α of
-      cut structures are set to exactly 0 and each layer's `threshold` is
+      cut structures and their optimizer slots are set to exactly 0 and each layer's `threshold` is
       kept 100× below its smallest kept relative |α|, so no more structures
       are cut (with BN, α already on their way down go on falling for epochs
       even at zero strength: on Fashion-MNIST 0.28 → 0.16 of the FLOPs).
@@ -124,7 +136,7 @@ class FlopsBudget(keras.callbacks.Callback):
         self.min_strength, self.max_strength = min_strength, max_strength
         self.checks_per_epoch = checks_per_epoch
         self.history, self.checks, self.fraction, self.strength = [], [], None, None
-        self.locked_at = None
+        self.locked_at, self._held = None, {}
         if checks_per_epoch > 1:  # only then: a batch hook turns off async dispatch
             self.on_train_batch_end = self._on_step
 
@@ -138,7 +150,7 @@ class FlopsBudget(keras.callbacks.Callback):
         if self._bounds[0] > self._bounds[1]:
             raise ValueError(f"FlopsBudget: min_strength > max_strength: {self._bounds}.")
         self._gain, self._trend, self.history, self.checks, self.fraction = 1.0, 0.0, [], [], None
-        self.locked_at = None
+        self.locked_at, self._held = None, {}
         steps, checks = (self.params or {}).get("steps"), self.checks_per_epoch
         self._check_at = sorted({round(k * steps / checks) for k in range(1, checks)} - {0, steps}
                                 ) if steps else []
@@ -151,24 +163,27 @@ class FlopsBudget(keras.callbacks.Callback):
         set_strength(self.model, strength, rebuild=rebuild)
 
     def _hold_cut_set(self) -> bool:
-        """Keeps the cut set: the α of cut structures become exactly 0 (cut
-        whatever the threshold; no change to the function, they are zero in
-        the forward pass already), and each layer's threshold is kept 100×
-        below its smallest kept |α| (relative): with BN, α on their way down
-        go on falling after the strength is lowered, faster than 2× between
-        checks (DESIGN.md §3). True if a threshold changed (the train
-        function must be rebuilt)."""
+        """Keeps the cut set. Cut structures (those cut now, or at any check
+        since the hold began) get α = 0 and their optimizer slots (momentum)
+        zeroed: cut whatever the threshold, no change to the function (they
+        are zero in the forward pass already), and no velocity left to carry
+        them back. Each layer's threshold is kept 100× below its smallest
+        kept |α| (relative): with BN, α on their way down go on falling after
+        the strength is lowered, faster than 2× between checks (DESIGN.md
+        §3). True if a threshold changed (the train function must be rebuilt)."""
         changed = False
         for layer in self._layers:
             alpha = np.ravel(keras.ops.convert_to_numpy(layer.alpha)).astype("float64")
-            keep = np.ravel(layer.mask())
-            if not keep.any() or not np.all(np.isfinite(alpha)):
+            if not np.all(np.isfinite(alpha)):
                 continue
-            if not keep.all():
-                cut = np.where(keep, alpha, 0.0).reshape(layer.alpha.shape)
-                layer.alpha.assign(cut.astype(layer.alpha.dtype))
+            cut = self._held.get(layer.name, np.zeros(alpha.size, bool)) | ~np.ravel(layer.mask())
+            if cut.all():
+                continue
+            self._held[layer.name] = cut
+            if cut.any():
+                _zero_entries(self.model.optimizer, layer.alpha, cut)
             reference = 1.0 if layer.structure == "layer" else np.abs(alpha).max()
-            smallest = np.abs(alpha[keep]).min() / reference
+            smallest = np.abs(alpha[~cut]).min() / reference
             if smallest < 10 * layer.threshold:
                 layer.threshold = max(smallest / 100, 1e-12)
                 changed = True

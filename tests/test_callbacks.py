@@ -299,6 +299,9 @@ def test_budget_moves_the_strength_the_right_way(rng):
 
 def test_budget_holds_the_cut_set_once_reached(rng):
     model = _model(strength=1e-2)
+    model.fit(rng.random((4, 8, 8, 1)), np.arange(4) % 2, verbose=0)  # optimizer slots
+    momentum = [v for v in model.optimizer.variables if "conv1" in v.name and v.shape == (8,)]
+    assert momentum and all(np.all(keras.ops.convert_to_numpy(v) != 0) for v in momentum)
     budget = FlopsBudget(target=0.5, tolerance=0.2, verbose=0)
     budget.set_model(model)
     budget.set_params({"epochs": 10})
@@ -309,6 +312,8 @@ def test_budget_holds_the_cut_set_once_reached(rng):
     budget.on_epoch_end(0, {})  # within target + tolerance / 4: hold from now on
     assert budget.locked_at == 1 and budget.strength == pytest.approx(1e-4)
     assert np.all(keras.ops.convert_to_numpy(conv1.alpha)[:6] == 0)  # cut for good
+    momentum = [v for v in model.optimizer.variables if "conv1" in v.name and v.shape == (8,)]
+    assert momentum and all(np.all(keras.ops.convert_to_numpy(v)[:6] == 0) for v in momentum)
     kept, fraction = conv1.mask().copy(), budget.fraction
     assert kept[6:].all() and not kept[:6].any()
     for relative in (0.0125, 0.008, 0.005):  # a kept α falls relative to the largest ...
