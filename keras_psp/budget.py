@@ -78,10 +78,10 @@ class FlopsBudget(keras.callbacks.Callback):
       loads the pruning: with a decaying learning rate, late epochs move α
       little whatever the strength.
     - once the fraction reaches `target + tolerance / 4` it holds the cut set:
-      the strength goes to `min_strength`, and at every later check the α of
-      cut structures and their optimizer slots are set to exactly 0 and each layer's `threshold` is
-      kept 100× below its smallest kept relative |α|, so no more structures
-      are cut (with BN, α already on their way down go on falling for epochs
+      the strength goes to `min_strength`, and at every later check the α
+      of cut structures and their optimizer slots are set to exactly 0 and
+      each layer's `threshold` is kept 100× below its smallest kept relative
+      |α|, so no more structures are cut (with BN, α already on their way down go on falling for epochs
       even at zero strength: on Fashion-MNIST 0.28 → 0.16 of the FLOPs).
       `locked_at` records when (in epochs).
     A change takes effect via a rebuilt train function (`set_strength`). Logs
