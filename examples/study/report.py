@@ -1,0 +1,200 @@
+"""The study's outputs: interleaved LiteRT latency, the table, figures, RESULTS.md."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import os
+import platform
+import random
+import statistics
+import time
+
+import numpy as np
+
+from keras_psp.stats import FLOOR
+
+LABELS = {
+    "baseline": "unpruned baseline",
+    "psp_channel": "PSP, weight decay, `channel`",
+    "psp_column": "PSP, weight decay, `column`",
+    "psp_layer": "PSP, weight decay, `layer`",
+    "psp_l1": "PSP, L1 on α, `channel`",
+    "l1norm": "ℓ1-norm filters (Li et al.) + FT",
+    "bnslim": "BN-scale slimming (Liu et al.) + FT",
+    "tfmot_50": "tfmot magnitude 50 % + FT",
+    "tfmot_2of4": "tfmot 2:4 + FT",
+}
+ORDER = list(LABELS)
+
+
+def litert_latency(contents: dict[str, bytes], rounds: int, invokes: int = 100) -> dict:
+    """Median ms per batch-1 invoke of each LiteRT model, one interleaved loop.
+
+    Every model gets its own single-thread interpreter; each round runs every
+    model `invokes` times in turn (A B C … A B C …, in a new random order
+    each round so that no model always follows the same one), after two
+    warm-up rounds.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    runners = {}
+    for name, content in contents.items():
+        interpreter = Interpreter(model_content=content, num_threads=1)
+        interpreter.allocate_tensors()
+        detail = interpreter.get_input_details()[0]
+        interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
+        runners[name] = interpreter
+    samples = {name: [] for name in runners}
+    order, shuffle = list(runners), random.Random(0).shuffle
+    for round_ in range(rounds + 2):
+        shuffle(order)
+        for name in order:
+            interpreter = runners[name]
+            start = time.perf_counter()
+            for _ in range(invokes):
+                interpreter.invoke()
+            if round_ >= 2:
+                samples[name].append((time.perf_counter() - start) * 1e3 / invokes)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _stats(values):
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def aggregate(rows: list[dict], reference: dict, latency: dict) -> list[dict]:
+    """One table line per (method, target): means over seeds, latency of the first seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if "error" not in row:
+            groups.setdefault((row["method"], row.get("target")), []).append(row)
+    lines = []
+    for (method, target), group in sorted(
+            groups.items(), key=lambda kv: (ORDER.index(kv[0][0]), -(kv[0][1] or 1.0))):
+        acc, std = _stats([r["accuracy"] for r in group])
+        before, _ = _stats([r.get("accuracy_before_finetune") for r in group])
+        key = latency_key(method, target)
+        lines.append({
+            "method": method, "label": LABELS[method], "target": target, "n": len(group),
+            "accuracy": acc, "accuracy_std": std, "accuracy_before_finetune": before,
+            "flops_fraction": float(np.mean([r["flops"] for r in group])) / reference["flops"],
+            "nonzero_macs_fraction": float(np.mean([r["nonzero_macs"] for r in group]))
+            / reference["flops"],
+            "params": float(np.mean([r["params"] for r in group])),
+            "nonzero_params": float(np.mean([r["nonzero_params"] for r in group])),
+            "latency_ms": latency.get(key),
+            "latency_ratio": (latency[key] / latency["baseline"]
+                              if key in latency and "baseline" in latency else None),
+        })
+    return lines
+
+
+def latency_key(method: str, target) -> str:
+    return method if target is None else f"{method}@{target:g}"
+
+
+def _fmt(value, pattern="{:.2f}", missing="—"):
+    return missing if value is None or not math.isfinite(value) else pattern.format(value)
+
+
+def markdown_table(lines: list[dict]) -> str:
+    head = ("| method | target | FLOPs (×) | non-zero MACs (×) | parameters (non-zero) | "
+            "test accuracy % (mean ± std, n) | before FT % | LiteRT b1 latency (×) |\n"
+            "|---|---|---|---|---|---|---|---|\n")
+    body = []
+    for t in lines:
+        acc = _fmt(t["accuracy"]) + (f" ± {t['accuracy_std']:.2f}" if t["accuracy_std"] else "")
+        body.append(
+            f"| {t['label']} | {_fmt(t['target'], '{:g}')} | {t['flops_fraction']:.3f} | "
+            f"{t['nonzero_macs_fraction']:.3f} | {t['params']:,.0f} ({t['nonzero_params']:,.0f})"
+            f" | {acc} (n={t['n']}) | {_fmt(t['accuracy_before_finetune'])} | "
+            f"{_fmt(t['latency_ratio'], '{:.3f}')} |")
+    return head + "\n".join(body) + "\n"
+
+
+def plot_accuracy_vs_flops(lines: list[dict], path: str) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.5, 5), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    colors = {m: f"C{i}" for i, m in enumerate(ORDER)}
+    for method in ORDER:
+        mine = sorted((t for t in lines if t["method"] == method and t["accuracy"] is not None),
+                      key=lambda t: t["flops_fraction"])
+        if not mine:
+            continue
+        x = [t["flops_fraction"] for t in mine]
+        y = [t["accuracy"] for t in mine]
+        err = [t["accuracy_std"] or 0.0 for t in mine]
+        if method == "baseline":
+            ax.axhline(y[0], color="k", ls="--", lw=1, label=f"{LABELS[method]} ({y[0]:.2f} %)")
+            if err[0]:
+                ax.axhspan(y[0] - err[0], y[0] + err[0], color="k", alpha=0.08)
+            continue
+        marker = "s" if method.startswith("tfmot") else "o"
+        ax.errorbar(x, y, yerr=err, marker=marker, color=colors[method], capsize=3,
+                    label=LABELS[method])
+        before = [(t["flops_fraction"], t["accuracy_before_finetune"]) for t in mine
+                  if t["accuracy_before_finetune"] is not None]
+        if before:
+            ax.plot(*zip(*before, strict=True), marker=marker, ls=":", color=colors[method],
+                    mfc="none", alpha=0.6)
+    ax.set_xlabel("FLOPs (MACs) of the deployed dense model / unpruned")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Fashion-MNIST, ResNet: accuracy vs FLOPs (hollow, dotted: before fine-tuning;"
+                 "\ntfmot keeps dense shapes, so its FLOPs stay 1.0)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def plot_alpha_histograms(panels: list[tuple[str, np.ndarray, float, float, float]],
+                          path: str) -> str:
+    """One panel per (title, pooled relative |α|, threshold, cut fraction, separation).
+
+    log10 histograms; the dashed line marks `threshold` (the default one: the
+    cut fraction counts each layer's own threshold, which FlopsBudget may
+    have lowered).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4.2 * max(1, len(panels)), 3.4), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = np.atleast_1d(figure.subplots(1, max(1, len(panels))))
+    for ax, (title, relative, threshold, cut, sep) in zip(axes, panels, strict=False):
+        values = np.log10(np.maximum(relative, FLOOR))
+        ax.hist(values, bins=40, range=(np.log10(FLOOR) - 0.25, 0.25), color="tab:blue")
+        ax.axvline(np.log10(threshold), color="tab:red", ls="--", lw=1)
+        ax.set_title(f"{title}\n{100 * cut:.0f} % of structures cut, separation "
+                     f"{_fmt(sep)}", fontsize=9)
+        ax.set_xlabel("log10 |α| / layer max (floor 1e-8)")
+        ax.set_ylabel("structures")
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    versions = {}
+    for package in ("tensorflow", "keras", "tf_keras", "tensorflow-model-optimization",
+                    "ai-edge-litert", "keras_psp"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "versions": versions}
