@@ -12,12 +12,11 @@ import pathlib
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
-tf = pytest.importorskip("tensorflow")
-tfds = pytest.importorskip("tensorflow_datasets")
-
-import keras_psp  # noqa: E402
-from keras_psp.cloning import psp_layers  # noqa: E402
+import keras_psp
+from keras_psp.cloning import psp_layers
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 QUICK = ["--steps-per-epoch", "2", "--batch-size", "4", "--train-limit", "12",
