@@ -1,5 +1,6 @@
 """keras_psp: Parameterized Structured Pruning for Keras 3."""
 
+from keras_psp import distributed
 from keras_psp._version import __version__
 from keras_psp.budget import FlopsBudget
 from keras_psp.callbacks import SeparationMonitor
@@ -12,4 +13,4 @@ from keras_psp.surgery.slim import slim
 from keras_psp.verify import verify
 from keras_psp.wrapper import PSP, keep_mask
 
-__all__ = ["FlopsBudget", "PSP", "STRUCTURES", "SeparationMonitor", "__version__", "count_flops", "count_params", "export", "keep_mask", "plot_alphas", "slim", "strip", "summary", "verify", "wrap"]
+__all__ = ["FlopsBudget", "PSP", "STRUCTURES", "SeparationMonitor", "__version__", "count_flops", "count_params", "distributed", "export", "keep_mask", "plot_alphas", "slim", "strip", "summary", "verify", "wrap"]

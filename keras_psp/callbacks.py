@@ -12,6 +12,7 @@ import keras
 import numpy as np
 from keras.src.utils import io_utils
 
+from keras_psp.distributed.cluster import is_chief
 from keras_psp.slim_cost import SlimCost
 from keras_psp.slim_cost import masks as _masks
 from keras_psp.slim_cost import require_psp_layers as _require_psp_layers
@@ -42,7 +43,8 @@ class SeparationMonitor(keras.callbacks.Callback):
         every_n_steps: Also check every this many training steps.
         log_dir: Folder for a TensorBoard event file: scalars and per-layer
             histograms of log10 relative |α| (tags `epoch_*`, `batch_*`).
-            TensorFlow backend only (else one warning).
+            TensorFlow backend only (else one warning). Written by the chief
+            process only (`keras_psp.distributed.is_chief`).
         patience: Stop once the cut set has not changed for this many epochs
             and the separation is >= `min_separation`; never with non-finite α.
         min_separation: Separation needed for `patience` to stop.
@@ -86,7 +88,7 @@ class SeparationMonitor(keras.callbacks.Callback):
         if self.log_dir and keras.backend.backend() != "tensorflow":
             warnings.warn(f"SeparationMonitor: `log_dir` needs the TensorFlow backend; the "
                           f"'{keras.backend.backend()}' backend writes no event file.", stacklevel=2)
-        elif self.log_dir:
+        elif self.log_dir and is_chief():  # several processes: one writer
             import tensorflow as tf
 
             self._writer = tf.summary.create_file_writer(self.log_dir)
