@@ -24,6 +24,7 @@ Delete the folder (or use another `--out`) to start afresh.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib.util
 import json
@@ -99,6 +100,44 @@ def parser(doc: str, structures: tuple[str, ...], *, structure: str, epochs: int
     return p
 
 
+DISTRIBUTIONS = ("none", "jax", "mirrored", "multi_worker")
+
+
+def add_distribution_flags(p: argparse.ArgumentParser) -> None:
+    """`--distribution` and the JAX process flags (see README, "Distributed training")."""
+    g = p.add_argument_group("distribution")
+    g.add_argument("--distribution", choices=DISTRIBUTIONS, default="none",
+                   help="jax: processes with keras.distribution.DataParallel (KERAS_BACKEND=jax); "
+                        "mirrored: tf.distribute.MirroredStrategy over this machine's devices; "
+                        "multi_worker: tf.distribute.MultiWorkerMirroredStrategy (reads TF_CONFIG)")
+    g.add_argument("--coordinator", default=None,
+                   help="jax: host:port of process 0 (default $KERAS_DISTRIBUTION_JOB_ADDRESSES)")
+    g.add_argument("--num-processes", type=int, default=None,
+                   help="jax: number of processes (default $KERAS_DISTRIBUTION_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, default=None,
+                   help="jax: this process (default $KERAS_DISTRIBUTION_PROCESS_ID)")
+
+
+def setup_distribution(args):
+    """Starts `--distribution` before anything runs; returns the tf.distribute
+    strategy to build the model under (None for none and jax)."""
+    if args.distribution == "jax":
+        if keras.backend.backend() != "jax":
+            raise SystemExit("--distribution jax needs KERAS_BACKEND=jax.")
+        keras_psp.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        return None
+    if args.distribution in ("mirrored", "multi_worker"):
+        if keras.backend.backend() != "tensorflow":
+            raise SystemExit(f"--distribution {args.distribution} needs KERAS_BACKEND=tensorflow.")
+        import tensorflow as tf
+
+        if args.distribution == "mirrored":
+            return tf.distribute.MirroredStrategy()
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return None
+
+
 def widths(text: str) -> tuple[int, ...]:
     """'16,32,64' → (16, 32, 64); for `type=` of argparse."""
     try:
@@ -162,13 +201,16 @@ def _callbacks(args, backup_dir, tensorboard_dir, extra):
     monitor = keras_psp.SeparationMonitor(
         log_dir=os.path.join(tensorboard_dir, "psp") if args.tensorboard else None,
         verbose=int(args.verbose > 0))
-    callbacks = [keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False), monitor]
+    chief_only = keras_psp.distributed.ChiefOnly  # several processes: one writer
+    callbacks = [keras_psp.distributed.BackupAndRestore(backup_dir, delete_checkpoint=False),
+                 monitor]
     if args.flops_target is not None:
         callbacks.append(keras_psp.FlopsBudget(target=args.flops_target,
                                                verbose=int(args.verbose > 0)))
-    callbacks.append(keras.callbacks.CSVLogger(os.path.join(args.out, "log.csv"), append=True))
+    callbacks.append(chief_only(keras.callbacks.CSVLogger(os.path.join(args.out, "log.csv"),
+                                                          append=True)))
     if args.tensorboard:
-        callbacks.append(keras.callbacks.TensorBoard(tensorboard_dir))
+        callbacks.append(chief_only(keras.callbacks.TensorBoard(tensorboard_dir)))
     return callbacks + list(extra)
 
 
@@ -195,11 +237,13 @@ def _train(args, wrapped, data, callbacks) -> tuple[int, float]:
     """Fits, resuming from `--out`/backup; (epochs trained now, seconds)."""
     backup_dir = os.path.join(args.out, "backup")
     start = time.perf_counter()
-    history = wrapped.fit(data.train, epochs=args.epochs, steps_per_epoch=data.steps_per_epoch,
-                          validation_data=data.eval, validation_freq=args.val_every, shuffle=False,
-                          callbacks=_callbacks(args, backup_dir, os.path.join(args.out, "tensorboard"),
-                                               callbacks),
-                          verbose=args.verbose)
+    kwargs = {"epochs": args.epochs, "steps_per_epoch": data.steps_per_epoch,
+              "callbacks": _callbacks(args, backup_dir, os.path.join(args.out, "tensorboard"),
+                                      callbacks),
+              "verbose": args.verbose if keras_psp.distributed.is_chief() else 0}
+    if getattr(args, "distribution", "none") != "multi_worker":  # keras_psp's loop: no validation
+        kwargs.update(validation_data=data.eval, validation_freq=args.val_every, shuffle=False)
+    history = keras_psp.distributed.fit(wrapped, data.train, **kwargs)
     return len(history.epoch), time.perf_counter() - start
 
 
@@ -225,7 +269,7 @@ def _max_difference(a: keras.Model, b: keras.Model, x) -> float:
 
 
 def train_prune_export(args, model: keras.Model, data, layers=None, metrics=None,
-                       callbacks=(), example: str = "") -> dict:
+                       callbacks=(), example: str = "", strategy=None) -> dict:
     """Wraps, trains (resuming from `--out`/backup), slims, exports; returns the results.
 
     Args:
@@ -237,18 +281,23 @@ def train_prune_export(args, model: keras.Model, data, layers=None, metrics=None
             the slim model); None: accuracy only.
         callbacks: More Keras callbacks for `fit`.
         example: The example's name, for the results file.
+        strategy: A tf.distribute strategy to wrap and compile under
+            (`setup_distribution`); training runs through
+            `keras_psp.distributed.fit`. With several processes only the
+            chief slims, exports and writes; the others return `{}`.
     """
     metrics = metrics or (lambda: ["accuracy"])
     os.makedirs(args.out, exist_ok=True)
-    wrapped = keras_psp.wrap(model, structure=args.structure, layers=layers,
-                             strength=args.strength, threshold=args.threshold)
-    wrapped.compile(
-        optimizer=keras.optimizers.SGD(learning_rate(args, data.steps_per_epoch),
-                                       momentum=args.momentum, nesterov=args.nesterov),
-        loss="sparse_categorical_crossentropy",
-        metrics=metrics(),
-        run_eagerly=args.run_eagerly,
-    )
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        wrapped = keras_psp.wrap(model, structure=args.structure, layers=layers,
+                                 strength=args.strength, threshold=args.threshold)
+        wrapped.compile(
+            optimizer=keras.optimizers.SGD(learning_rate(args, data.steps_per_epoch),
+                                           momentum=args.momentum, nesterov=args.nesterov),
+            loss="sparse_categorical_crossentropy",
+            metrics=metrics(),
+            run_eagerly=args.run_eagerly,
+        )
     resumed_from = min(_resume_epoch(os.path.join(args.out, "backup")), args.epochs)
     wrapped_layers = psp_layers(wrapped)
     print(f"{example}: PSP {args.structure!r} on {model.name} ({len(wrapped_layers)} wrapped "
@@ -257,6 +306,13 @@ def train_prune_export(args, model: keras.Model, data, layers=None, metrics=None
           + (f"; resuming after epoch {resumed_from}" if resumed_from else ""), flush=True)
     timings = {}
     trained_now, timings["train"] = _train(args, wrapped, data, callbacks)
+    if keras_psp.distributed.process_count() > 1 and not keras_psp.distributed.is_chief():
+        return {}  # the chief slims, exports and writes
+    if keras.backend.backend() == "jax":  # training done: work in this process only
+        keras.distribution.set_distribution(None)
+    if getattr(args, "distribution", "none") != "none":  # same α, weights in this process
+        wrapped = keras_psp.distributed.local_copy(wrapped)
+        wrapped_layers = psp_layers(wrapped)
     files = {name: os.path.join(args.out, name) for name in (
         "psp_model.keras", "slim_model.keras", "summary.txt", "log.csv", "backup", "tensorboard")}
     if not args.tensorboard:

@@ -22,7 +22,14 @@ the first run then prepares the dataset in --data-dir (hours; ~150 GB).
     python examples/imagenet_resnet.py --arch resnet18 --schedule cosine --warmup-epochs 5 \\
         --batch-size 1024 --lr 0.4 --multiple-of 8
 
-Runs resume from --out/backup.
+Runs resume from --out/backup. `--distribution` trains on several devices or
+machines (README, "Distributed training"): `mirrored` (this machine's GPUs),
+`multi_worker` (TF_CONFIG in every worker), `jax` (KERAS_BACKEND=jax, one
+process per machine with --coordinator/--num-processes/--process-id);
+--batch-size is the global batch.
+
+    KERAS_BACKEND=jax python examples/imagenet_resnet.py --distribution jax \
+        --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0 --out /shared/r50
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ def parse_args(argv=None):
                    help="filters of the first stage of ResNet-18/34 (doubling per stage)")
     m.add_argument("--image-size", type=int, default=224,
                    help="training and evaluation crop size (evaluation resizes to size·256/224)")
+    _paper.add_distribution_flags(p)
     args = p.parse_args(argv)
     if args.image_size < 32:
         p.error(f"--image-size must be at least 32, got {args.image_size}.")
@@ -69,6 +77,7 @@ def build_model(args, num_classes: int = 1000) -> keras.Model:
 def main(argv=None, callbacks=()) -> dict:
     """Runs the example; `callbacks` are extra Keras callbacks for `fit`."""
     args = parse_args(argv)
+    strategy = _paper.setup_distribution(args)  # first: before anything runs
     keras.utils.set_random_seed(args.seed)
     data = _data.imagenet(args.batch_size, args.image_size, args.data_dir, args.manual_dir,
                           args.train_limit, args.eval_limit, args.steps_per_epoch, args.seed)
@@ -78,7 +87,7 @@ def main(argv=None, callbacks=()) -> dict:
 
     return _paper.train_prune_export(args, build_model(args, data.num_classes), data,
                                      metrics=metrics, callbacks=callbacks,
-                                     example="imagenet_resnet")
+                                     example="imagenet_resnet", strategy=strategy)
 
 
 if __name__ == "__main__":

@@ -165,6 +165,21 @@ def test_imagenet_resnet18_tiny_images(load, tmp_path):
     _check_outputs(out, results, epochs=1)
 
 
+def test_imagenet_resnet18_mirrored_distribution(load, tmp_path):
+    """--distribution mirrored: wrapped and compiled under MirroredStrategy
+    (one CPU replica here), trained with keras_psp.distributed.fit, slimmed
+    from a process-local copy."""
+    example = load("imagenet_resnet")
+    out = tmp_path / "run"
+    argv = ["--arch", "resnet18", "--width", "4", "--image-size", "32", "--epochs", "1",
+            "--distribution", "mirrored", "--out", str(out)]
+    results = _run(example, argv, tmp_path)
+    assert results["args"]["distribution"] == "mirrored"
+    _check_outputs(out, results, epochs=1)
+    with pytest.raises(SystemExit, match="KERAS_BACKEND=jax"):
+        example.main(["--distribution", "jax"])
+
+
 def test_imagenet_resnet50_is_keras_applications_with_kernel_decay(load):
     example = load("imagenet_resnet")
     args = example.parse_args(["--image-size", "32", "--weight-decay", "2e-4"])
