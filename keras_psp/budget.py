@@ -14,33 +14,25 @@ from keras_psp.slim_cost import masks as _masks
 from keras_psp.slim_cost import require_psp_layers as _require_psp_layers
 
 
-def _strength_slots(layer) -> list[tuple[object, str]]:
-    """(regularizer, attribute) pairs holding the α strength of a PSP layer."""
-    found = (layer.alpha_regularizer, getattr(layer.alpha, "regularizer", None))
-    slots = {(id(r), a): (r, a) for r in found for a in ("l1", "l2")
-             if isinstance(r, (keras.regularizers.L1, keras.regularizers.L2)) and hasattr(r, a)}
-    if not slots:
-        kind = type(layer.alpha_regularizer).__name__ if layer.alpha_regularizer else None
-        raise ValueError(f"PSP layer '{layer.name}' has α regularizer {kind}; only "
-                         "keras.regularizers.L2 or L1 strengths can be set. Wrap with "
-                         "regularizer='l2' (the default) or 'l1'.")
-    return list(slots.values())
+def _strength(layer) -> float:
+    """The α strength in use by a PSP layer (L2 or L1 only)."""
+    if layer.alpha_strength is None:
+        layer.set_strength(0.0)  # raises the error naming the layer and what to do
+    return float(keras.ops.convert_to_numpy(layer.alpha_strength))
 
 
-def set_strength(model: keras.Model, strength: float, rebuild: bool = True) -> None:
+def set_strength(model: keras.Model, strength: float) -> None:
     """Sets the L2/L1 α strength of every PSP layer, e.g. `set_strength(model, 5e-2)`.
 
-    Keras bakes a regularizer's strength into the traced train function (TF
-    graph, XLA, JAX jit), so a compiled model's train function is rebuilt
-    (`make_train_function(force=True)`): the next step traces it again.
+    The strength lives in a variable of each layer (`PSP.alpha_strength`), so
+    the next training step uses it: no new trace of the train function (TF
+    graph, XLA or JAX jit), also in the middle of `fit`. On JAX inside `fit`,
+    call `model.jax_state_sync()` first (as `FlopsBudget` does at its checks).
     """
     if not strength >= 0:
         raise ValueError(f"set_strength: `strength` must be >= 0, got {strength}.")
     for layer in _require_psp_layers(model, "set_strength"):
-        for regularizer, attr in _strength_slots(layer):
-            setattr(regularizer, attr, float(strength))
-    if rebuild:
-        model.make_train_function(force=True)
+        layer.set_strength(strength)
 
 
 def _zero_entries(optimizer, variable, entries: np.ndarray) -> None:
@@ -81,10 +73,12 @@ class FlopsBudget(keras.callbacks.Callback):
       the strength goes to `min_strength`, and at every later check the α
       of cut structures and their optimizer slots are set to exactly 0 and
       each layer's `threshold` is kept 100× below its smallest kept relative
-      |α|, so no more structures are cut (with BN, α already on their way down go on falling for epochs
-      even at zero strength: on Fashion-MNIST 0.28 → 0.16 of the FLOPs).
-      `locked_at` records when (in epochs).
-    A change takes effect via a rebuilt train function (`set_strength`). Logs
+      |α|, so no more structures are cut (with BN, α already on their way
+      down go on falling for epochs even at zero strength: on Fashion-MNIST
+      0.28 → 0.16 of the FLOPs). `locked_at` records when (in epochs).
+    A strength change takes effect at the next step (`set_strength` writes
+    the layers' strength variables: no new trace); a threshold lowered
+    while holding rebuilds the train function. Logs
     `psp_strength` (during the epoch), and `psp_flops` unless a monitor did.
     `tolerance` is absolute: 0.05 accepts 0.45 to 0.55 for a target of 0.5.
 
@@ -144,7 +138,7 @@ class FlopsBudget(keras.callbacks.Callback):
         from keras_psp.wrapper import DEFAULT_STRENGTH
 
         self._layers = _require_psp_layers(self.model, "FlopsBudget")
-        now = [getattr(r, a) for layer in self._layers for r, a in _strength_slots(layer)]
+        now = [_strength(layer) for layer in self._layers]
         start = self.initial_strength or float(np.mean(now)) or DEFAULT_STRENGTH
         self._bounds = (self.min_strength or start / 100, self.max_strength or start * 10)
         if self._bounds[0] > self._bounds[1]:
@@ -158,9 +152,9 @@ class FlopsBudget(keras.callbacks.Callback):
         self._set(float(np.clip(start, *self._bounds)))
         self._cost, self._look = (SlimCost(self.model, self._layers) for _ in range(2))
 
-    def _set(self, strength: float, rebuild: bool = True) -> None:
+    def _set(self, strength: float) -> None:
         self.strength = strength
-        set_strength(self.model, strength, rebuild=rebuild)
+        set_strength(self.model, strength)
 
     def _hold_cut_set(self) -> bool:
         """Keeps the cut set. Cut structures (those cut now, or at any check
@@ -226,9 +220,9 @@ class FlopsBudget(keras.callbacks.Callback):
         reached = self.locked_at is None and fraction <= self.target + self.tolerance / 4
         if reached:  # hold this cut set from now on, at the lowest strength
             self.locked_at = done
-            self._set(self._bounds[0], rebuild=False)
+            self._set(self._bounds[0])
         if self.locked_at is not None:
-            if self._hold_cut_set() or reached:
+            if self._hold_cut_set():  # a threshold is a Python float in the trace
                 self.model.make_train_function(force=True)
             self.fraction = fraction
             self.checks.append({"epochs": done, "psp_flops": fraction, "predicted": fraction,

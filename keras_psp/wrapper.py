@@ -55,6 +55,34 @@ def _regularizer(regularizer, strength):
     return keras.regularizers.get(regularizer)
 
 
+def _strength_kind(regularizer) -> str | None:
+    """"l2" or "l1" for a plain `keras.regularizers.L2`/`L1`, else None."""
+    if type(regularizer) is keras.regularizers.L2:
+        return "l2"
+    if type(regularizer) is keras.regularizers.L1:
+        return "l1"
+    return None
+
+
+class _VariableStrength:
+    """L2 or L1 on α with the strength read from a variable.
+
+    Keras bakes a regularizer's float strength into the traced train function
+    (TF graph, XLA, JAX jit): changing it would need a new trace. Read from a
+    (non-trainable) variable of the layer, a new strength applies at the next
+    step without one. Only attached to α; the layer's config keeps the plain
+    Keras regularizer.
+    """
+
+    def __init__(self, kind: str, strength: keras.Variable):
+        self.kind, self.strength = kind, strength
+
+    def __call__(self, x):
+        x = ops.cast(x, "float32")
+        term = ops.sum(ops.square(x)) if self.kind == "l2" else ops.sum(ops.abs(x))
+        return ops.cast(self.strength, "float32") * term
+
+
 @keras.saving.register_keras_serializable(package="keras_psp")
 class PSP(keras.layers.Wrapper):
     """Parameterized structured pruning of one Keras layer.
@@ -142,21 +170,54 @@ class PSP(keras.layers.Wrapper):
         self.structure = structure
         self.threshold = float(threshold)
         self.alpha_regularizer = _regularizer(regularizer, strength)
+        self.alpha_strength = None
         self.plan = None
 
     def build(self, input_shape=None):
         if not self.layer.built:
             self.layer.build(input_shape)
         self.plan = self._handler.plan(self.layer, self.structure)
+        kind = _strength_kind(self.alpha_regularizer)
         self.alpha = self.add_weight(
             name="alpha",
             shape=self.plan.shape,
             initializer="ones",
-            regularizer=self.alpha_regularizer,
+            regularizer=None if kind else self.alpha_regularizer,
             dtype="float32",
             autocast=False,
         )
+        self.alpha_strength = None
+        if kind:  # a variable strength: `keras_psp.budget.set_strength` needs no retrace
+            self.alpha_strength = self.add_weight(
+                name="alpha_strength",
+                shape=(),
+                initializer=keras.initializers.Constant(getattr(self.alpha_regularizer, kind)),
+                trainable=False,
+                dtype="float32",
+                autocast=False,
+            )
+            self.alpha.regularizer = _VariableStrength(kind, self.alpha_strength)
         self.built = True
+
+    def set_strength(self, strength: float) -> None:
+        """Sets the L2/L1 strength on α; the next training step uses it.
+
+        Args:
+            strength: The new strength (>= 0).
+        """
+        kind = _strength_kind(self.alpha_regularizer)
+        if kind is None:
+            raise ValueError(
+                f"PSP layer '{self.name}' has α regularizer "
+                f"{type(self.alpha_regularizer).__name__ if self.alpha_regularizer else None}; "
+                "only keras.regularizers.L2 or L1 strengths can be set. Wrap with "
+                "regularizer='l2' (the default) or 'l1'."
+            )
+        if not float(strength) >= 0:
+            raise ValueError(f"`strength` must be >= 0, got {strength} for layer '{self.name}'.")
+        setattr(self.alpha_regularizer, kind, float(strength))
+        if self.alpha_strength is not None:
+            self.alpha_strength.assign(float(strength))
 
     def effective_alpha(self):
         """α with cut structures set to zero (a float32 tensor)."""
@@ -220,6 +281,10 @@ class PSP(keras.layers.Wrapper):
         super().save_own_variables(store)
 
     def get_config(self):
+        if self.alpha_strength is not None:  # the strength in use, e.g. set by FlopsBudget
+            kind = _strength_kind(self.alpha_regularizer)
+            value = float(ops.convert_to_numpy(self.alpha_strength))
+            setattr(self.alpha_regularizer, kind, value)
         config = super().get_config()
         config.update(
             {

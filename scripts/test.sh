@@ -17,7 +17,7 @@ PSP_RANDOM_GRAPHS="${PSP_RANDOM_GRAPHS_JAX:-30}" KERAS_BACKEND=jax "$PYTHON" -m 
   -k "random_graphs or plain_chain or flatten or fold or zero_constant or residual_branch or zero_output or only_path" "$@"
 echo "== callback tests, JAX backend (a subset: step checks sync JAX state, strength changes re-jit)"
 KERAS_BACKEND=jax "$PYTHON" -m pytest -q -m "not tensorflow_only" tests/test_callbacks.py \
-  -k "logs_in_history or patience or non_finite or strength_change" "$@"
+  -k "logs_in_history or patience or non_finite or strength or reaches_the_target" "$@"
 echo "== distributed tests, JAX backend (two processes with keras.distribution.DataParallel)"
 KERAS_BACKEND=jax "$PYTHON" -m pytest -q -m "not tensorflow_only" tests/test_distributed.py \
   tests/test_distributed_jax.py "$@"

@@ -91,6 +91,11 @@ def test_plain_chain_drops_cut_channels_from_producer(rng):
     assert small.get_layer("c1").filters == 9
     assert small.get_layer("bn1").gamma.shape == (9,)
     assert small.get_layer("c2").kernel.shape == (3, 3, 9, 10)
+    for name in ("c1", "bn1", "c2"):  # slim builds with zeros, then restores the initializers
+        before, after = model.get_layer(name).get_config(), small.get_layer(name).get_config()
+        for key in [k for k in before if k.endswith("_initializer")]:
+            assert after[key] == before[key], (name, key)
+        assert any(k.endswith("_initializer") for k in before)
 
 
 def test_flatten_to_dense_uses_channels_last_index_map(rng):

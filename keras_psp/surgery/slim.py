@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 
@@ -209,10 +210,31 @@ def _emit(plan: ChannelPlan, rule: Rule, op, values: dict) -> list:
     else:
         layer, weights = rule.rebuild(op, present_in, present_out)
     args, kwargs = op.node.arguments.fill_in(mapping)
-    outputs = keras.tree.flatten(layer(*args, **kwargs))
-    if weights is not None:
-        layer.set_weights(weights)
+    if weights is None:
+        return keras.tree.flatten(layer(*args, **kwargs))
+    with _zero_initializers(layer):
+        outputs = keras.tree.flatten(layer(*args, **kwargs))
+    layer.set_weights(weights)
     return outputs
+
+
+@contextlib.contextmanager
+def _zero_initializers(layer):
+    """Zeros for `layer`'s initializers while it builds; its own ones after.
+
+    The weights are set right after the build, so random initial values are
+    wasted work, and on JAX each new kernel shape compiles the random
+    initializer (about 0.7 s a layer on a CPU). The layer's config is unchanged.
+    """
+    saved = {name: value for name, value in vars(layer).items()
+             if name.endswith("_initializer") and isinstance(value, keras.initializers.Initializer)}
+    try:
+        for name in saved:
+            setattr(layer, name, keras.initializers.Zeros())
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(layer, name, value)
 
 
 def slim(
