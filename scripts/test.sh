@@ -15,7 +15,7 @@ echo "== slim tests, JAX backend (a subset: surgery is backend-independent numpy
 PSP_RANDOM_GRAPHS="${PSP_RANDOM_GRAPHS_JAX:-30}" KERAS_BACKEND=jax "$PYTHON" -m pytest -q \
   -m "not tensorflow_only" tests/test_slim_random.py tests/test_slim.py \
   -k "random_graphs or plain_chain or flatten or fold or zero_constant or residual_branch or zero_output or only_path" "$@"
-echo "== callback tests, JAX backend (a subset: step checks sync JAX state, strength changes re-jit)"
+echo "== callback tests, JAX backend (a subset: step checks sync JAX state)"
 KERAS_BACKEND=jax "$PYTHON" -m pytest -q -m "not tensorflow_only" tests/test_callbacks.py \
   -k "logs_in_history or patience or non_finite or strength or reaches_the_target" "$@"
 echo "== distributed tests, JAX backend (two processes with keras.distribution.DataParallel)"

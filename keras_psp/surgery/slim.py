@@ -11,7 +11,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from keras_psp.cloning import check_graph_model, psp_layers
+from keras_psp.cloning import check_graph_model, iter_layers, psp_layers
 from keras_psp.surgery.constants import check_cut_layers, find_constants, probe_values
 from keras_psp.surgery.graph import Graph, flatten, rebuild, unwrap
 from keras_psp.surgery.rules import Merge, Rule, rule_for
@@ -240,7 +240,7 @@ def _zero_initializers(layer):
 def slim(
     model: keras.Model,
     check_inputs=None,
-    atol: float = 1e-4,
+    atol: float | None = None,
     gather: bool = True,
     multiple_of: int | None = None,
 ) -> keras.Model:
@@ -259,7 +259,9 @@ def slim(
         check_inputs: Optional inputs; when given, `slim` compares the slim
             model with the pruned one on them and raises if the largest
             difference exceeds `atol` times the largest output magnitude.
-        atol: Relative tolerance for `check_inputs`.
+        atol: Relative tolerance for `check_inputs`; None: 1e-4, or 2e-2
+            when the model computes in float16/bfloat16 (mixed precision
+            rounds the pruned and the slim model differently).
         gather: When a consumer's own inputs are cut but other consumers
             keep those channels of a shared tensor (a residual stream, a
             DenseNet concatenation), take just its channels before it
@@ -307,6 +309,10 @@ def slim(
         )
         scale = max(float(np.abs(reference).max()), 1e-12)
         diff = verify(model, small, check_inputs)
+        if atol is None:
+            low = any(keras.backend.standardize_dtype(layer.compute_dtype)
+                      in ("float16", "bfloat16") for layer in iter_layers(model))
+            atol = 2e-2 if low else 1e-4
         if not diff <= atol * scale:
             raise RuntimeError(
                 f"slim: the slim model differs from '{model.name}' by {diff:.3g} "
