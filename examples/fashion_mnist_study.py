@@ -95,7 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=None,
                    help=f"seeds of the baseline and PSP channel (default {FULL['seeds']})")
     p.add_argument("--other-seeds", type=int, default=1, help="seeds of the other PSP rows")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=Config.batch_size)
     p.add_argument("--strength", type=float, default=Config.strength,
                    help="initial α strength of PSP, L2 and L1 (FlopsBudget adapts it; "
                         "default keras_psp's 2e-2)")
