@@ -7,9 +7,9 @@ bash scripts/setup.sh test
 PYTHON="${PYTHON:-python3}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 echo "== tests, TensorFlow backend"
-KERAS_BACKEND=tensorflow "$PYTHON" -m pytest -q "$@"
+KERAS_BACKEND=tensorflow "$PYTHON" -m pytest -q --durations=25 "$@"
 echo "== tests, JAX backend (backend-independent subset)"
-KERAS_BACKEND=jax "$PYTHON" -m pytest -q -m "not tensorflow_only" \
+KERAS_BACKEND=jax "$PYTHON" -m pytest -q --durations=10 -m "not tensorflow_only" \
   tests/test_structures.py tests/test_wrapper.py tests/test_saving.py tests/test_cloning.py "$@"
 echo "== slim tests, JAX backend (a subset: surgery is backend-independent numpy)"
 PSP_RANDOM_GRAPHS="${PSP_RANDOM_GRAPHS_JAX:-30}" KERAS_BACKEND=jax "$PYTHON" -m pytest -q \
