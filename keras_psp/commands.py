@@ -9,7 +9,6 @@ one line on stderr.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import time
@@ -98,7 +97,7 @@ def slim(args: argparse.Namespace) -> int:
     small = slim_model(model, check_inputs=x, gather=not args.no_gather, multiple_of=args.multiple_of)
     diff = verify(model, small, x)
     small.save(output)
-    alphas = sum(math.prod(layer.alpha.shape) for layer in wrapped)
+    alphas = sum(layer.own_param_count() for layer in wrapped)
     rows = [
         ("parameters", model.count_params() - alphas, small.count_params()),
         ("FLOPs (MACs)", count_flops(model), count_flops(small)),

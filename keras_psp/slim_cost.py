@@ -33,7 +33,7 @@ class SlimCost:
     def __init__(self, model, layers):
         self.model, self.flops = model, count_flops(model)
         self.params = model.count_params() - sum(  # the stripped (plain) model
-            int(np.prod(layer.alpha.shape)) for layer in layers)
+            layer.own_param_count() for layer in layers)
         self._key, self.value, self.error = None, (math.nan, math.nan), None
 
     def __call__(self, masks) -> tuple[float, float]:

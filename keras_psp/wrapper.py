@@ -249,6 +249,11 @@ class PSP(keras.layers.Wrapper):
         keep = keep_mask(self.alpha, self.threshold, self.structure)
         return np.asarray(ops.convert_to_numpy(keep), dtype=bool)
 
+    def own_param_count(self) -> int:
+        """Entries of the variables PSP adds (α and its strength): what `strip` drops."""
+        own = [v for v in (self.alpha, self.alpha_strength) if v is not None]
+        return int(sum(np.prod(v.shape) for v in own))
+
     def check_finite(self, action: str) -> None:
         """Raises ValueError naming this layer if α is not finite."""
         alpha = ops.convert_to_numpy(self.alpha)

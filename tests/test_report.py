@@ -59,7 +59,8 @@ def test_tiny_model_by_hand(tiny_cut):
     assert total["flops_after"] == count_flops(small) == 1296 + 144 + 4
     n_alpha = sum(int(np.prod(layer.alpha.shape)) for layer in psp_layers(tiny_cut))
     assert n_alpha == 9
-    assert total["params_before"] == tiny_cut.count_params() - n_alpha == 76 + 15 + 8
+    n_strength = len(psp_layers(tiny_cut))  # one α strength variable per PSP layer
+    assert total["params_before"] == tiny_cut.count_params() - n_alpha - n_strength == 76 + 15 + 8
     assert total["params_after"] == small.count_params() == 38 + 6 + 6
 
     assert len(lines) == 1
@@ -103,7 +104,7 @@ def test_wrapped_cnn_with_batchnorm_matches_the_slim_model():
     assert total["flops_before"] == count_flops(model)
     assert total["flops_after"] == count_flops(small)
     assert total["params_before"] == model.count_params() - sum(
-        int(np.prod(layer.alpha.shape)) for layer in psp_layers(model)
+        int(np.prod(layer.alpha.shape)) + 1 for layer in psp_layers(model)  # α and its strength
     )
     assert total["params_after"] == small.count_params()
 
