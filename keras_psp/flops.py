@@ -224,7 +224,7 @@ def count_params(model: keras.Model, pruned: bool = False) -> int:
 
     Args:
         model: A built Sequential or functional model. For a PSP-wrapped model
-            the α scales count too.
+            the α scales and their strength variables (one per PSP layer) count too.
         pruned: If True, count the model that `keras_psp.slim(model)` returns.
 
     Returns:
