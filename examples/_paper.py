@@ -340,7 +340,7 @@ def train_prune_export(args, model: keras.Model, data, layers=None, metrics=None
     stats, separation = model_stats(wrapped_layers)
     log = _epoch_log(files["log.csv"])
     metric = "accuracy" if "accuracy" in scores else next(k for k in scores if k != "loss")
-    n_alpha = sum(int(np.prod(layer.alpha.shape)) for layer in wrapped_layers)
+    n_alpha = sum(layer.own_param_count() for layer in wrapped_layers)  # α, strength
     cut, total = sum(s.cut for s in stats), sum(s.total for s in stats)
     results = {
         "example": example,

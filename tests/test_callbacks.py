@@ -139,7 +139,8 @@ def test_flops_and_params_match_slim(rng):
     logs = _check(SeparationMonitor(verbose=0), model)
     small = slim(model)
     assert logs["psp_flops"] == pytest.approx(count_flops(small) / count_flops(model))
-    plain = model.count_params() - sum(int(np.prod(p.alpha.shape)) for p in psp_layers(model))
+    plain = model.count_params() - sum(  # minus α and one strength variable per layer
+        int(np.prod(p.alpha.shape)) + 1 for p in psp_layers(model))
     assert logs["psp_params"] == pytest.approx(small.count_params() / plain)
     assert logs["psp_cut"] == pytest.approx(10 / 25)
 
