@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 WORKER = pathlib.Path(__file__).with_name("distributed_worker.py")
 
 
@@ -85,3 +87,8 @@ def check_ok(finished: list[Finished]) -> None:
     for i, f in enumerate(finished):
         assert f.returncode == 0 and f.result is not None, (
             f"process {i} ended with {f.returncode}:\n{f.tail()}")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    """Largest absolute difference between two {name: array} results."""
+    return max(float(np.max(np.abs(np.subtract(a[k], b[k])))) for k in a)

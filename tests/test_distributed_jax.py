@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from multiprocess import check_ok, free_port, launch
+from multiprocess import check_ok, free_port, launch, max_diff
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax",
                                 reason="multi-process JAX test: runs in the JAX pass")
@@ -35,10 +35,6 @@ def _workers(tmp_path, **extra):
              "out": str(tmp_path / f"p{i}"), **extra} for i in range(2)]
 
 
-def _max_diff(a: dict, b: dict) -> float:
-    return max(float(np.max(np.abs(np.subtract(a[k], b[k])))) for k in a)
-
-
 def test_two_processes_train_like_one(tmp_path):
     configs = _workers(tmp_path, policies=POLICIES)
     configs.append({**BASE, "engine": "reference", "index": 0, "policies": POLICIES,
@@ -54,7 +50,7 @@ def test_two_processes_train_like_one(tmp_path):
         assert json.dumps(a["monitor_steps"]) == json.dumps(b["monitor_steps"])
         assert len(a["monitor"]) == 3 and len(a["monitor_steps"]) == 6
         assert a["alpha"] != a["alpha_at_start"]  # trained
-        assert _max_diff(a["alpha"], ref["alpha"]) <= TOLERANCE[policy], policy
+        assert max_diff(a["alpha"], ref["alpha"]) <= TOLERANCE[policy], policy
         np.testing.assert_allclose(a["loss"], ref["loss"], rtol=10 * TOLERANCE[policy])
         assert a["slim"]["max_diff"] <= SLIM_TOLERANCE[policy] and a["slim"]["params"] > 0
         # only process 0 writes (ChiefOnly(CSVLogger)); JAX writes no event file

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from multiprocess import check_ok, free_port, launch
+from multiprocess import check_ok, free_port, launch, max_diff
 
 pytestmark = pytest.mark.tensorflow_only
 
@@ -32,10 +32,6 @@ def _workers(tmp_path, **extra):
              "out": str(tmp_path / f"p{i}"), **extra} for i in range(2)]
 
 
-def _max_diff(a: dict, b: dict) -> float:
-    return max(float(np.max(np.abs(np.subtract(a[k], b[k])))) for k in a)
-
-
 def test_two_workers_train_like_one(tmp_path):
     configs = _workers(tmp_path, policies=POLICIES)
     configs.append({**BASE, "engine": "reference", "index": 0, "policies": POLICIES,
@@ -51,7 +47,7 @@ def test_two_workers_train_like_one(tmp_path):
         assert json.dumps(a["monitor_steps"]) == json.dumps(b["monitor_steps"])
         assert len(a["monitor"]) == 3 and len(a["monitor_steps"]) == 6
         assert a["alpha"] != a["alpha_at_start"]
-        assert _max_diff(a["alpha"], ref["alpha"]) <= TOLERANCE[policy], policy
+        assert max_diff(a["alpha"], ref["alpha"]) <= TOLERANCE[policy], policy
         np.testing.assert_allclose(a["loss"], ref["loss"], rtol=10 * TOLERANCE[policy])
         assert a["slim"]["max_diff"] <= SLIM_TOLERANCE[policy] and a["slim"]["params"] > 0
         # only worker 0 writes: the monitor's event file and ChiefOnly(CSVLogger)
@@ -71,7 +67,7 @@ def test_mirrored_strategy_train_equals_fit(tmp_path):
     for policy in POLICIES:
         result = finished.result[policy]
         assert result["alpha"] != result["alpha_at_start"]
-        assert _max_diff(result["alpha"], result["fit"]["alpha"]) <= TOLERANCE[policy], policy
+        assert max_diff(result["alpha"], result["fit"]["alpha"]) <= TOLERANCE[policy], policy
 
 
 def test_killed_worker_fails_the_other_and_restart_resumes(tmp_path):

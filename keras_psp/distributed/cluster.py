@@ -67,6 +67,14 @@ def _tf_state() -> tuple[int, int] | None:
     return position, chiefs + workers
 
 
+def _process() -> tuple[int, int]:
+    """(index, count) from JAX, else TF_CONFIG, else the Keras environment variables."""
+    for state in (_jax_state(), _tf_state()):
+        if state is not None:
+            return state
+    return int(os.environ.get(KERAS_PROCESS_ID, 0)), int(os.environ.get(KERAS_NUM_PROCESSES, 1))
+
+
 def process_index() -> int:
     """This process's index among the training processes (0: the chief).
 
@@ -82,10 +90,7 @@ def process_index() -> int:
         print("the chief")
     ```
     """
-    for state in (_jax_state(), _tf_state()):
-        if state is not None:
-            return state[0]
-    return int(os.environ.get(KERAS_PROCESS_ID, 0))
+    return _process()[0]
 
 
 def process_count() -> int:
@@ -97,10 +102,7 @@ def process_count() -> int:
     per_process_batch = global_batch // keras_psp.distributed.process_count()
     ```
     """
-    for state in (_jax_state(), _tf_state()):
-        if state is not None:
-            return state[1]
-    return int(os.environ.get(KERAS_NUM_PROCESSES, 1))
+    return _process()[1]
 
 
 def is_chief() -> bool:
