@@ -19,25 +19,32 @@ setup(
     license="Apache-2.0",
     packages=find_packages(include=["keras_psp", "keras_psp.*"]),
     python_requires=">=3.10",
+    # Every module-level import of the package (tests/test_packaging.py checks it).
     install_requires=[
         "keras>=3.5,<4",
         "tensorflow>=2.16",
-        "tensorflow-datasets",
-        "tensorboard",
         "numpy",
+        "scipy",
     ],
     extras_require={
         "test": [
             "pytest>=7",
             "pytest-timeout",
+            "pytest-xdist",
             "hypothesis",
             "scikit-learn",
             "jax[cpu]",
             "matplotlib",
             "ruff",
+            "tensorflow-datasets",
+            "keras-hub>=0.32",
         ],
         "deploy": ["ai-edge-litert"],
         "plot": ["matplotlib"],
+        # The paper examples' data pipelines (CIFAR, ImageNet) and the digits loader.
+        "examples": ["tensorflow-datasets", "scikit-learn"],
+        # keras_psp.distributed on the JAX backend.
+        "jax": ["jax"],
         "tfmot": ["tensorflow-model-optimization", "tf_keras"],
     },
     entry_points={"console_scripts": ["keras-psp=keras_psp.cli:main"]},

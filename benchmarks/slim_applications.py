@@ -60,7 +60,7 @@ def check(name: str, size: int, rng) -> tuple:
         start = time.perf_counter()
         small = slim(model)
         seconds = time.perf_counter() - start
-    barriers = [str(w.message).split("layer(s) ")[1].split(";")[0][:40]
+    barriers = [str(w.message).split("layer(s) ")[1].split("; structures")[0][:40]
                 for w in caught if "does not know" in str(w.message)]
     x = rng.random((2, size, size, 3)).astype("float32") * 255.0
     reference = keras.ops.convert_to_numpy(model(x, training=False))

@@ -137,7 +137,7 @@ class FlopsBudget(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         from keras_psp.wrapper import DEFAULT_STRENGTH
 
-        self._layers = _require_psp_layers(self.model, "FlopsBudget")
+        self._layers = _require_psp_layers(self.model, "FlopsBudget", graph=True)
         now = [_strength(layer) for layer in self._layers]
         start = self.initial_strength or float(np.mean(now)) or DEFAULT_STRENGTH
         self._bounds = (self.min_strength or start / 100, self.max_strength or start * 10)

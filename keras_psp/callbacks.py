@@ -79,7 +79,7 @@ class SeparationMonitor(keras.callbacks.Callback):
             self.on_train_batch_end = self._on_step
 
     def on_train_begin(self, logs=None):
-        self._psp = _require_psp_layers(self.model, "SeparationMonitor")
+        self._psp = _require_psp_layers(self.model, "SeparationMonitor", graph=self.flops)
         if self.flops and getattr(self._cost, "model", None) is not self.model:
             self._cost = SlimCost(self.model, self._psp)  # kept across fits of one model
         self._last = self._epoch_start = _masks(self._psp)

@@ -1,8 +1,9 @@
 """Whole-model operations: `wrap` a model in PSP layers, `strip` them off.
 
 Both return a new model built with `keras.models.clone_model` (recursively,
-so nested Sequential and functional models are handled) and copy the weights
-layer by layer; the input model is never modified.
+so nested Sequential and functional models are handled) and copy each
+layer's state into its copy (`keras_psp.copying`); the input model is never
+modified.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 import keras
-from keras.src.saving.serialization_lib import SafeModeScope
 
+from keras_psp.copying import copy_layer, copy_state
 from keras_psp.structures import STRUCTURES, get_handler, supported_layer_types
 from keras_psp.wrapper import PSP
 
@@ -55,30 +56,19 @@ def psp_layers(model) -> list[PSP]:
     return [layer for layer in iter_layers(model) if isinstance(layer, PSP)]
 
 
-def copy_layer(layer, **updates):
-    """A new, unbuilt layer of the same class and config, `updates` applied.
+def _copy_pairs(source_model, clone_function) -> tuple[keras.Model, list]:
+    """`clone_model(source_model)` with `clone_function`, and the (old, new)
+    layer pairs it made, matched by object (names may change: a layer can
+    rename itself in `__init__`)."""
+    pairs = []
 
-    The layer is an object the user handed us in memory, not a file, so a
-    `Lambda` holding a Python lambda is copied too (safe mode is for files).
-    A stateless `keras.ops` operation is returned as it is.
-    """
-    if not isinstance(layer, keras.layers.Layer):
-        return layer
-    with SafeModeScope(False):
-        return layer.__class__.from_config({**layer.get_config(), **updates})
+    def clone(layer):
+        new = clone_function(layer)
+        pairs.append((layer, new))
+        return new
 
-
-def _copy_weights(source, target, copy: Callable) -> None:
-    """Pairs the layers of two models of the same graph by name and copies."""
-    targets = {layer.name: layer for layer in target.layers}
-    for layer in source.layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue  # no weights; clone_model may rename inputs
-        twin = targets[layer.name]
-        if isinstance(layer, keras.Model):
-            _copy_weights(layer, twin, copy)
-        else:
-            copy(layer, twin)
+    new_model = keras.models.clone_model(source_model, clone_function=clone, recursive=True)
+    return new_model, pairs
 
 
 def _selector(layers: LayerSelector, model) -> tuple[Callable, bool]:
@@ -168,15 +158,12 @@ def wrap(
             return copy_layer(layer)
         return PSP(copy_layer(layer), structure=structure, **psp_kwargs)
 
-    new_model = keras.models.clone_model(model, clone_function=clone, recursive=True)
-
-    def copy(src, dst):
+    new_model, pairs = _copy_pairs(model, clone)
+    for src, dst in pairs:
         if isinstance(dst, PSP) and not isinstance(src, PSP):
-            dst.layer.set_weights(src.get_weights())
-        else:
-            dst.set_weights(src.get_weights())
-
-    _copy_weights(model, new_model, copy)
+            copy_state(src, dst.layer)
+        elif isinstance(src, keras.layers.Layer):
+            copy_state(src, dst)
     if skipped:
         warnings.warn(
             f"wrap: structure {structure!r} does not fit {len(skipped)} "
@@ -186,6 +173,16 @@ def wrap(
     if not psp_layers(new_model):
         warnings.warn(
             f"wrap: no layer of model '{model.name}' was wrapped.", stacklevel=2
+        )
+    first = [layer.name for layer in psp_layers(new_model)
+             if getattr(layer.layer, "data_format", "channels_last") == "channels_first"]
+    if first:
+        warnings.warn(
+            f"wrap: {len(first)} layer(s) ({', '.join(first)}) use data_format="
+            "'channels_first'. PSP trains and cuts their structures, but slim keeps every "
+            "channel of channels_first layers (cut structures stay as zero weights), so they "
+            "do not get smaller. Build the model channels_last to slim them.",
+            stacklevel=2,
         )
     cancelled = _cancelled_by_batchnorm(new_model)
     if cancelled:
@@ -247,10 +244,10 @@ def strip(model: keras.Model) -> keras.Model:
             return copy_layer(layer)
         return copy_layer(layer.layer, name=layer.name)  # the graph's name pairs weights
 
-    new_model = keras.models.clone_model(model, clone_function=clone, recursive=True)
-
-    def copy(src, dst):
-        dst.set_weights(src.folded_weights() if isinstance(src, PSP) else src.get_weights())
-
-    _copy_weights(model, new_model, copy)
+    new_model, pairs = _copy_pairs(model, clone)
+    for src, dst in pairs:
+        if isinstance(src, PSP):
+            dst.set_weights(src.folded_weights())
+        elif isinstance(src, keras.layers.Layer):
+            copy_state(src, dst)
     return new_model

@@ -22,7 +22,7 @@ from keras_psp.cloning import psp_layers
 from keras_psp.formats import FORMATS, Options
 from keras_psp.runtimes import by_name, input_specs, input_structure, random_inputs
 from keras_psp.samples import collect
-from keras_psp.verify import compare_outputs
+from keras_psp.verify import check_inputs_argument, compare_outputs, non_finite_error
 
 QUANTIZE_MODES = (None, "dynamic", "float16", "int8")
 #: Default `atol` (relative to the largest |output|) of the float formats.
@@ -184,6 +184,28 @@ def _staging(path: str, overwrite: bool) -> str:
         ) from error
 
 
+def _fixed_shapes(model, format, specs, check_inputs, data) -> tuple | None:
+    """Example shapes for a LiteRT file of a model whose inputs have unknown
+    sizes (beyond the batch): those of the check inputs or representative data.
+    XNNPACK plans its buffers for fixed sizes, so the file needs them."""
+    unknown = [(name, shape) for name, shape, _ in specs if None in shape[1:]]
+    if format != "tflite" or not unknown:
+        return None
+    if check_inputs is not None:
+        arrays = collect(check_inputs, specs, None, "check_inputs")
+    elif data is not None:
+        arrays = data
+    else:
+        listed = ", ".join(f"'{name}' {shape}" for name, shape in unknown)
+        raise _fail(
+            f"model '{model.name}' has input(s) of unknown size ({listed}), but a LiteRT "
+            "file needs fixed sizes (XNNPACK plans its buffers for them). Pass "
+            "check_inputs (or representative_data) of the size you deploy: the file takes "
+            "their shapes."
+        )
+    return tuple(tuple(int(d) for d in np.shape(a)[1:]) for a in arrays)
+
+
 def _size(path: str) -> int:
     if os.path.isfile(path):
         return os.path.getsize(path)
@@ -324,10 +346,11 @@ def export(
     data = None
     if representative_data is not None:
         data = collect(representative_data, specs, MAX_SAMPLES, "representative_data")
+    shapes = _fixed_shapes(model, format, specs, check_inputs, data)
     stage = _staging(path, overwrite)
     try:
         staged = os.path.join(stage, os.path.basename(os.path.normpath(path)) or "export")
-        FORMATS[format].write(model, staged, Options(quantize, data, **flags), stage)
+        FORMATS[format].write(model, staged, Options(quantize, data, shapes=shapes, **flags), stage)
         runner = FORMATS[format].runner(staged)
         fields = dict(
             path=path,
@@ -341,12 +364,16 @@ def export(
         if verify:
             if check_inputs is not None:
                 inputs, source = collect(check_inputs, specs, None, "check_inputs"), "check_inputs"
+                check_inputs_argument(inputs, "export")
             elif data is not None:
                 inputs, source = data, "representative_data"
             else:
                 inputs, source = random_inputs(specs, RANDOM_SAMPLES), "random inputs"
             names = [name for name, _, _ in specs]
             expected = _predict(_keras_call(model), inputs)
+            if not all(np.all(np.isfinite(e)) for e in expected):
+                error = non_finite_error(model, "export", f"the {len(inputs[0])} {source}")
+                raise VerificationError(f"{error} Nothing was written to '{path}'.")
             try:
                 measured = compare_outputs(
                     expected, _predict(runner, by_name(inputs, names, runner))

@@ -36,6 +36,9 @@ class Options:
     jit_compile: bool = False
     allow_select_ops: bool = False
     int8_io: bool = False
+    #: Fixed example shapes (no batch axis), one per input, for inputs with
+    #: unknown sizes; None: the model's own input shapes.
+    shapes: tuple | None = None
 
 
 def write_saved_model(model: keras.Model, path: str, options: Options, workdir: str) -> None:
@@ -45,12 +48,13 @@ def write_saved_model(model: keras.Model, path: str, options: Options, workdir: 
     import tensorflow as tf
 
     structure = input_structure(model)
-    names = {
-        id(t): name
-        for t, (name, _, _) in zip(keras.tree.flatten(structure), input_specs(model), strict=True)
-    }
+    flat = keras.tree.flatten(structure)
+    names = {id(t): name for t, (name, _, _) in zip(flat, input_specs(model), strict=True)}
+    shapes = {id(t): tuple(t.shape[1:]) for t in flat}
+    if options.shapes is not None:
+        shapes = {id(t): tuple(s) for t, s in zip(flat, options.shapes, strict=True)}
     signature = keras.tree.map_structure(
-        lambda t: tf.TensorSpec((None,) + tuple(t.shape[1:]), t.dtype, name=names[id(t)]),
+        lambda t: tf.TensorSpec((None,) + shapes[id(t)], t.dtype, name=names[id(t)]),
         structure,
     )
     serve = tf.function(
@@ -70,7 +74,7 @@ def write_tflite(model: keras.Model, path: str, options: Options, workdir: str) 
     import tensorflow as tf
 
     saved = os.path.join(workdir, "saved_model")
-    write_saved_model(model, saved, Options(), workdir)
+    write_saved_model(model, saved, Options(shapes=options.shapes), workdir)
     converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=[SIGNATURE])
     builtins = (
         tf.lite.OpsSet.TFLITE_BUILTINS_INT8

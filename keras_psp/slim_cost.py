@@ -12,11 +12,24 @@ from keras_psp.flops import count_flops
 from keras_psp.surgery.slim import slim
 
 
-def require_psp_layers(model, who: str) -> list:
+def require_psp_layers(model, who: str, graph: bool = False) -> list:
+    """The built PSP layers of `model`; a clear error if there are none, if one
+    is not built yet, or (`graph=True`: FLOPs are needed) if the model has no
+    functional graph."""
     layers = psp_layers(model)
     if not layers:
         raise ValueError(f"{who}: model '{model.name}' has no PSP layers, nothing to watch; "
                          "wrap it first (`keras_psp.wrap(model)` or `keras_psp.PSP` layers).")
+    unbuilt = [layer.name for layer in layers if not layer.built]
+    if unbuilt:
+        raise ValueError(f"{who}: PSP layer(s) {', '.join(map(repr, unbuilt))} of model "
+                         f"'{model.name}' are not built yet, so they have no α. Build the model "
+                         "first: start it with keras.Input(shape=...), or call it on a batch.")
+    if graph and not model.inputs:
+        raise ValueError(f"{who}: model '{model.name}' has no defined inputs (a Sequential "
+                         "without keras.Input), so the FLOPs of its slim model cannot be "
+                         "counted. Start the model with keras.Input(shape=...)"
+                         + (", or pass flops=False." if who == "SeparationMonitor" else "."))
     return layers
 
 

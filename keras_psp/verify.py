@@ -6,31 +6,80 @@ import keras
 import numpy as np
 
 
-def verify(reference: keras.Model, candidate: keras.Model, inputs, batch_size: int = 256) -> float:
-    """Returns the largest absolute difference between two models' outputs.
+class NonFiniteOutputError(ValueError):
+    """A model produces NaN or inf: there is nothing to compare against."""
 
-    Both models run in inference mode on `inputs`. Use it to check that a
-    stripped, slimmed or exported model still computes what the original
-    computes.
+
+def non_finite_weights(model: keras.Model) -> list[str]:
+    """Names of the layers of `model` with a NaN or inf weight."""
+    names = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        own = layer._trainable_variables + layer._non_trainable_variables
+        if any(not np.all(np.isfinite(keras.ops.convert_to_numpy(v))) for v in own
+               if keras.backend.is_float_dtype(v.dtype)):
+            names.append(layer.name)
+    return names
+
+
+def non_finite_error(model: keras.Model, who: str, what: str = "the check inputs"):
+    """The `NonFiniteOutputError` for `model`, naming its non-finite layers."""
+    bad = non_finite_weights(model)
+    where = (f" Layer(s) with non-finite weights: {', '.join(repr(n) for n in bad)}."
+             if bad else " Its weights are finite: check the inputs' range.")
+    return NonFiniteOutputError(
+        f"{who}: model '{model.name}' produces non-finite values (NaN or inf) on {what}, "
+        f"so no result can be verified against it.{where} A diverged training run needs "
+        "an earlier checkpoint or a lower learning rate."
+    )
+
+
+def check_inputs_argument(inputs, who: str, name: str = "check_inputs") -> None:
+    """Raises a clear ValueError unless `inputs` holds at least one finite example.
 
     Args:
-        reference: The model whose outputs are taken as correct.
-        candidate: The model to check.
-        inputs: What both models accept: an array, or a list/dict of arrays.
-        batch_size: Batch size for `predict`.
-
-    Raises:
-        ValueError: if the models' outputs differ in structure or shape.
-
-    Example:
-
-    ```python
-    plain = keras_psp.strip(wrapped)
-    assert keras_psp.verify(wrapped, plain, x_test[:256]) < 1e-5
-    ```
+        inputs: An array, or a list/dict (nested) of arrays, one per model input.
+        who: The function, for the message (e.g. "slim").
+        name: The argument's name, for the message.
     """
-    expected = keras.tree.flatten(reference.predict(inputs, batch_size=batch_size, verbose=0))
-    actual = keras.tree.flatten(candidate.predict(inputs, batch_size=batch_size, verbose=0))
+    arrays = keras.tree.flatten(inputs)
+    if not arrays:
+        raise ValueError(f"{who}: `{name}` is empty; pass at least one example per input.")
+    for i, array in enumerate(arrays):
+        try:
+            array = np.asarray(array)
+        except Exception as error:
+            raise ValueError(f"{who}: `{name}` must hold arrays, got "
+                             f"{type(arrays[i]).__name__} ({error}).") from error
+        label = f"`{name}`" + (f" (input {i})" if len(arrays) > 1 else "")
+        if array.ndim == 0 or len(array) == 0:
+            raise ValueError(f"{who}: {label} has no examples (shape {array.shape}); pass a "
+                             "batch of at least one example.")
+        if np.issubdtype(array.dtype, np.number) and not np.all(np.isfinite(array)):
+            bad = int(array.size - np.isfinite(array).sum())
+            raise ValueError(f"{who}: {label} contains {bad} NaN or inf value(s); pass finite "
+                             "examples.")
+
+
+def check_tolerance(value, who: str, name: str = "atol") -> None:
+    """Raises a clear ValueError unless `value` is None or a finite number >= 0."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ValueError(f"{who}: `{name}` must be a number >= 0 or None, got {value!r}.")
+    if not 0 <= float(value) < float("inf"):
+        raise ValueError(f"{who}: `{name}` must be a finite number >= 0, got {value!r}.")
+
+
+def outputs(model: keras.Model, inputs, batch_size: int = 256) -> list[np.ndarray]:
+    """`model`'s outputs on `inputs` (inference mode), flattened, as float64."""
+    predicted = model.predict(inputs, batch_size=batch_size, verbose=0)
+    return [np.asarray(y, "float64") for y in keras.tree.flatten(predicted)]
+
+
+def max_difference(reference: keras.Model, expected: list, candidate: keras.Model,
+                   actual: list) -> float:
+    """The largest |difference| of two models' outputs (`outputs`); inf where the
+    candidate is not finite. The reference's outputs must be finite."""
     if len(expected) != len(actual):
         raise ValueError(
             f"Model '{candidate.name}' has {len(actual)} output(s), but "
@@ -38,7 +87,6 @@ def verify(reference: keras.Model, candidate: keras.Model, inputs, batch_size: i
         )
     worst = 0.0
     for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
-        e, a = np.asarray(e, "float64"), np.asarray(a, "float64")
         if e.shape != a.shape:
             raise ValueError(
                 f"Output {i} of model '{candidate.name}' has shape {a.shape}, but "
@@ -49,6 +97,40 @@ def verify(reference: keras.Model, candidate: keras.Model, inputs, batch_size: i
             return float("inf")
         worst = max(worst, float(diff.max(initial=0.0)))
     return worst
+
+
+def verify(reference: keras.Model, candidate: keras.Model, inputs, batch_size: int = 256) -> float:
+    """Returns the largest absolute difference between two models' outputs.
+
+    Both models run in inference mode on `inputs`. Use it to check that a
+    stripped, slimmed or exported model still computes what the original
+    computes. A candidate that produces NaN or inf where the reference does
+    not differs by inf.
+
+    Args:
+        reference: The model whose outputs are taken as correct.
+        candidate: The model to check.
+        inputs: What both models accept: an array, or a list/dict of arrays.
+        batch_size: Batch size for `predict`.
+
+    Raises:
+        ValueError: if `inputs` are empty or not finite, or the models'
+            outputs differ in structure or shape.
+        NonFiniteOutputError: (a ValueError) if the reference itself
+            produces NaN or inf: nothing can be verified against it.
+
+    Example:
+
+    ```python
+    plain = keras_psp.strip(wrapped)
+    assert keras_psp.verify(wrapped, plain, x_test[:256]) < 1e-5
+    ```
+    """
+    check_inputs_argument(inputs, "verify", "inputs")
+    expected = outputs(reference, inputs, batch_size)
+    if not all(np.all(np.isfinite(e)) for e in expected):
+        raise non_finite_error(reference, "verify", "these inputs")
+    return max_difference(reference, expected, candidate, outputs(candidate, inputs, batch_size))
 
 
 def compare_outputs(expected: list, actual: list) -> dict:

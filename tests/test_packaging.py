@@ -64,3 +64,65 @@ def test_verify_reports_the_largest_output_difference(rng):
     other = small_cnn(num_classes=3)
     with pytest.raises(ValueError, match="shape"):
         keras_psp.verify(model, other, x)
+
+
+def _imports(path):
+    """(module-level, function-level) top-level module names imported by a file."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    top, lazy = set(), set()
+
+    def names(node):
+        if isinstance(node, ast.Import):
+            return {alias.name.split(".")[0] for alias in node.names}
+        if isinstance(node, ast.ImportFrom) and node.level == 0:
+            return {node.module.split(".")[0]}
+        return set()
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            function = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            (lazy if in_function else top).update(names(child))
+            visit(child, function)
+
+    visit(tree, False)
+    return top, lazy - top
+
+
+def _requirements():
+    """(install_requires, every extra) of the installed keras-psp, as distribution names."""
+    import importlib.metadata
+    import re
+
+    base, extras = set(), set()
+    for line in importlib.metadata.requires("keras-psp") or []:
+        name = re.split(r"[\s\[<>=!;~]", line, maxsplit=1)[0].lower().replace("_", "-")
+        (extras if "extra ==" in line else base).add(name)
+    return base, extras
+
+
+def test_every_import_of_the_package_is_a_declared_dependency():
+    """A plain `pip install keras-psp` must be able to import every module: each
+    module-level import is in install_requires; imports inside functions (optional
+    features) are in install_requires or an extra."""
+    import importlib.metadata
+    import pathlib
+    import sys
+
+    provides = importlib.metadata.packages_distributions()
+    base, extras = _requirements()
+    stdlib = set(sys.stdlib_module_names) | {"__future__", "keras_psp"}
+    package = pathlib.Path(keras_psp.__file__).parent
+    undeclared = []
+    for path in sorted(package.rglob("*.py")):
+        top, lazy = _imports(path)
+        for module, allowed in [(m, base) for m in top] + [(m, base | extras) for m in lazy]:
+            if module in stdlib:
+                continue
+            dists = {d.lower().replace("_", "-") for d in provides.get(module, [module])}
+            if not dists & allowed:
+                undeclared.append(f"{path.relative_to(package)}: {module} ({sorted(dists)})")
+    assert not undeclared, undeclared
+    assert {"keras", "numpy", "scipy", "tensorflow"} <= base
+    assert "tensorflow-datasets" not in base and "tensorboard" not in base  # examples only

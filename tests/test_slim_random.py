@@ -190,4 +190,4 @@ def test_generator_covers_every_kind():
     assert expected <= seen, expected - seen
 
 
-pytestmark = pytest.mark.filterwarnings("ignore:slim. surgery does not know")
+pytestmark = pytest.mark.filterwarnings("ignore:slim. surgery keeps every channel")

@@ -11,15 +11,15 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from keras_psp.surgery.graph import Graph
+from keras_psp.surgery.graph import Graph, width
 
 
 def find_constants(graph: Graph, rules, conn: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     """Returns, for every tensor key, a bool per channel: True where constant."""
     shapes = graph.shapes
-    const = {key: np.zeros(shapes[key][-1], bool) for key in graph.input_keys}
+    const = {key: np.zeros(width(shapes[key]), bool) for key in graph.input_keys}
     for op, rule in zip(graph.ops, rules, strict=True):
-        const_in = [const.get(key, np.zeros(shapes[key][-1], bool)) for key in op.inputs]
+        const_in = [const.get(key, np.zeros(width(shapes[key]), bool)) for key in op.inputs]
         if rule.boundary and not rule.fixed:
             outs = rule.constant(op, const_in, shapes, conn[id(op)])
         else:

@@ -7,10 +7,19 @@ layer call of the whole network on one graph of tensors.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 
 import keras
 from keras.src.models.functional import Functional
+
+
+def width(shape: tuple) -> int:
+    """Channels of a tensor: its last axis; 0 when unknown (token ids of
+    variable length) or when the last axis is the batch (rank 1)."""
+    if len(shape) < 2 or shape[-1] is None:
+        return 0
+    return int(shape[-1])
 
 
 @dataclasses.dataclass
@@ -51,6 +60,15 @@ class Graph:
     ops: list[Op]
     shapes: dict[int, tuple]
 
+    def shared(self) -> dict[int, list[Op]]:
+        """Ops of layers called more than once (a shared layer, each call of a
+        nested model called twice), by `id` of the layer."""
+        calls: dict[int, list[Op]] = {}
+        for op in self.ops:
+            if isinstance(op.layer, keras.layers.Layer):
+                calls.setdefault(id(op.layer), []).append(op)
+        return {k: v for k, v in calls.items() if len(v) > 1}
+
     def consumers(self) -> dict[int, list[Op]]:
         users: dict[int, list[Op]] = {}
         for op in self.ops:
@@ -66,19 +84,28 @@ def _functional(model) -> Functional:
 
 
 def flatten(model: keras.Model) -> Graph:
-    """Inlines nested models and returns the flat `Graph` of `model`."""
-    ops: list[Op] = []
-    alias: dict[int, int] = {}
-    shapes: dict[int, tuple] = {}
+    """Inlines nested models and returns the flat `Graph` of `model`.
 
-    def key_of(tensor) -> int:
-        key = alias.get(id(tensor), id(tensor))
-        shapes.setdefault(key, tuple(tensor.shape))
-        return key
+    Every call is its own set of ops: a nested model called twice (a siamese
+    encoder) gives two copies of its ops, on their own tensors, whose layers
+    are shared (see `Graph.shared`).
+    """
+    ops: list[Op] = []
+    shapes: dict[int, tuple] = {}
+    counter = itertools.count()
 
     def visit(fn: Functional, input_keys: list[int]) -> list[int]:
+        scope: dict[int, int] = {}  # id of this call's KerasTensors -> graph key
+
+        def key_of(tensor) -> int:
+            key = scope.get(id(tensor))
+            if key is None:
+                key = scope[id(tensor)] = next(counter)
+                shapes[key] = tuple(tensor.shape)
+            return key
+
         for tensor, key in zip(fn.inputs, input_keys, strict=True):
-            alias[id(tensor)] = key
+            scope[id(tensor)] = key
         for depth in sorted(fn._nodes_by_depth, reverse=True):
             for node in fn._nodes_by_depth[depth]:
                 if node.is_input or node.operation is None:
@@ -88,7 +115,7 @@ def flatten(model: keras.Model) -> Graph:
                 if isinstance(layer, (keras.Sequential, Functional)):
                     outs = visit(_functional(layer), inputs)
                     for tensor, key in zip(node.outputs, outs, strict=True):
-                        alias[id(tensor)] = key
+                        scope[id(tensor)] = key
                     continue
                 local = {id(t): key_of(t) for t in node.input_tensors}
                 outputs = [key_of(t) for t in node.outputs]
@@ -96,7 +123,10 @@ def flatten(model: keras.Model) -> Graph:
         return [key_of(t) for t in fn.outputs]
 
     fn = _functional(model)
-    input_keys = [key_of(t) for t in fn.inputs]
+    input_keys = []
+    for tensor in fn.inputs:
+        input_keys.append(next(counter))
+        shapes[input_keys[-1]] = tuple(tensor.shape)
     output_keys = visit(fn, input_keys)
     return Graph(model, input_keys, output_keys, ops, shapes)
 

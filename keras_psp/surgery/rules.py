@@ -24,7 +24,8 @@ import keras
 import numpy as np
 from keras import layers as L
 
-from keras_psp.cloning import copy_layer
+from keras_psp.copying import copy_layer
+from keras_psp.surgery.graph import width
 
 
 def _weights(op) -> list[np.ndarray]:
@@ -45,12 +46,20 @@ class Rule:
 
     def constant(self, op, const_in: list[np.ndarray], shapes) -> list[np.ndarray]:
         """Bool per output channel: True where it cannot depend on the input."""
-        return [np.zeros(shapes[key][-1], bool) for key in op.outputs]
+        return [np.zeros(width(shapes[key]), bool) for key in op.outputs]
 
     def rebuild(self, op, present_in, present_out):
-        """Returns `(new_layer, weights or None)` for the kept channels."""
-        weights = _weights(op) if isinstance(op.layer, keras.layers.Layer) else None
-        return copy_layer(op.layer), weights or None
+        """Returns `(new_layer, state)` for the kept channels.
+
+        `state` is a list of weight arrays for the new layer, a layer whose
+        whole state the new one takes (`keras_psp.copying.copy_state`: an
+        adapted `Normalization`, a lookup vocabulary), or None.
+        """
+        if not isinstance(op.layer, keras.layers.Layer):
+            return op.layer, None
+        if op.arrays is not None:  # a PSP layer's, α folded in
+            return copy_layer(op.layer), _weights(op)
+        return copy_layer(op.layer), op.layer
 
 
 class Fixed(Rule):
@@ -319,7 +328,9 @@ PASSTHROUGH = (
 )
 MERGES = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum)
 #: Layers that are exact when every channel is kept; no warning for them.
-KNOWN_FIXED = (L.LayerNormalization, L.Softmax, L.Normalization, L.Rescaling, L.InputLayer)
+KNOWN_FIXED = (
+    L.LayerNormalization, L.Softmax, L.Normalization, L.Rescaling, L.InputLayer, L.Embedding,
+)
 
 _RULES: dict[type, Rule] = {}
 
@@ -375,39 +386,47 @@ def _channels_last(layer) -> bool:
     return getattr(layer, "data_format", "channels_last") == "channels_last"
 
 
-def rule_for(op, shapes) -> tuple[Rule, bool]:
-    """The rule of `op`, and whether it is a known layer (no warning needed).
+def rule_for(op, shapes) -> tuple[Rule, str | None]:
+    """The rule of `op`, and why it keeps every channel when the user should
+    know (None when there is nothing to say).
 
-    Configurations a rule does not cover (channels_first, grouped convolution,
-    BN on another axis, Concatenate on another axis, broadcasting merges,
-    reshapes that move the channel axis) fall back to `Fixed`.
+    Configurations a rule does not cover (grouped convolution, BN on another
+    axis, Concatenate on another axis, broadcasting merges, reshapes that move
+    the channel axis, channels of unknown number) fall back to `Fixed`
+    silently; an unknown layer type and `data_format="channels_first"` fall
+    back with a reason, which `slim` reports.
     """
     layer = op.layer
     rule = _RULES.get(type(layer))
     if rule is None:
-        return Fixed(), False
-    if rule.fixed or not _channels_last(layer):
-        return Fixed(), True
+        return Fixed(), f"unknown type {type(layer).__name__}"
+    if not _channels_last(layer):
+        return Fixed(), "data_format='channels_first'"
+    if rule.fixed:
+        return Fixed(), None
     in_shapes = [shapes[k] for k in op.inputs]
     out_shapes = [shapes[k] for k in op.outputs]
+    if not all(width(s) for s in in_shapes + out_shapes):
+        return Fixed(), None  # channels of unknown number (token ids): nothing to cut
     rank = len(in_shapes[0])
     axis_last = (-1, rank - 1)
+    fixed = Fixed(), None
     if isinstance(layer, L.BatchNormalization) and layer.axis not in axis_last:
-        return Fixed(), True
+        return fixed
     if isinstance(layer, L.Concatenate) and layer.axis not in axis_last:
-        return Fixed(), True
+        return fixed
     if isinstance(layer, L.Activation):
         name = getattr(layer.activation, "__name__", "")
         if name in _ELEMENTWISE_ACTIVATIONS_EXCLUDED:
-            return Fixed(), True
+            return fixed
     if isinstance(layer, (L.Conv1D, L.Conv2D, L.Conv3D)) and layer.groups != 1:
-        return Fixed(), True
+        return fixed
     if isinstance(layer, MERGES) and any(s[-1] != out_shapes[0][-1] for s in in_shapes):
-        return Fixed(), True
+        return fixed
     if isinstance(layer, L.Reshape) and (
         in_shapes[0][-1] != out_shapes[0][-1] or layer.target_shape[-1] != in_shapes[0][-1]
     ):
-        return Fixed(), True
+        return fixed
     if isinstance(layer, L.Flatten) and len(in_shapes[0]) < 2:
-        return Fixed(), True
-    return rule, True
+        return fixed
+    return rule, None

@@ -12,9 +12,17 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from keras_psp.cloning import check_graph_model, iter_layers, psp_layers
+from keras_psp.copying import copy_state
 from keras_psp.surgery.constants import check_cut_layers, find_constants, probe_values
-from keras_psp.surgery.graph import Graph, flatten, rebuild, unwrap
-from keras_psp.surgery.rules import Merge, Rule, rule_for
+from keras_psp.surgery.graph import Graph, flatten, rebuild, unwrap, width
+from keras_psp.surgery.rules import Merge, ReshapeRule, Rule, rule_for
+from keras_psp.verify import (
+    check_inputs_argument,
+    check_tolerance,
+    max_difference,
+    non_finite_error,
+    outputs,
+)
 
 
 @dataclasses.dataclass
@@ -25,7 +33,9 @@ class ChannelPlan:
         graph: The flat graph of the model, PSP layers unwrapped.
         rules: The rule of each op, in graph order.
         present: For each tensor key, a bool array over its channels.
-        barriers: Names of unknown layers whose channels were all kept.
+        barriers: `(name, reason)` of the layers whose channels were all
+            kept for a reason the user should know (an unknown type,
+            channels_first).
         live: `id`s of the ops the outputs still depend on.
         own: For each boundary op, the input channels it still reads (a subset
             of the present ones when other consumers keep the rest).
@@ -38,7 +48,7 @@ class ChannelPlan:
     graph: Graph
     rules: list[Rule]
     present: dict[int, np.ndarray]
-    barriers: list[str]
+    barriers: list[tuple[str, str]]
     live: set[int]
     own: dict[int, np.ndarray]
     folded: dict[int, np.ndarray]
@@ -74,18 +84,20 @@ def plan_channels(
     shapes = graph.shapes
     rules, barriers, conn = [], [], {}
     for op in graph.ops:
-        rule, known = rule_for(op, shapes)
+        rule, why = rule_for(op, shapes)
         rules.append(rule)
-        if rule.fixed and not known:
-            barriers.append(op.layer.name)
+        if why is not None and op.layer.name not in dict(barriers):
+            barriers.append((op.layer.name, why))
         if rule.boundary:
             conn[id(op)] = rule.connectivity(op)
     check_cut_layers(graph, conn)
     const = find_constants(graph, rules, conn)
     const_in = {id(op): [const[k] for k in op.inputs] for op in graph.ops}
+    shared = graph.shared()  # layers called more than once: rebuilt once, shared again
+    shared_ops = {id(op) for calls in shared.values() for op in calls}
     dropped = {}
     for op, rule in zip(graph.ops, rules, strict=True):
-        if isinstance(rule, Merge):
+        if isinstance(rule, Merge) and id(op) not in shared_ops:
             drop = rule.constant_inputs(op, const_in[id(op)], shapes)
             if drop:
                 dropped[id(op)] = drop
@@ -100,7 +112,7 @@ def plan_channels(
         if rule.boundary:
             key = op.inputs[0]
             can = const[key].copy()
-            if can.any() and not rule.folds(op.layer):
+            if can.any() and (not rule.folds(op.layer) or id(op) in shared_ops):
                 can &= values[key] == 0  # a zero channel reads like zero padding
             droppable[id(op)] = can
 
@@ -108,10 +120,10 @@ def plan_channels(
     offset, total = {}, 0
     for key in keys:
         offset[key] = total
-        total += int(shapes[key][-1])
+        total += width(shapes[key])
 
     def span(key):
-        return slice(offset[key], offset[key] + shapes[key][-1])
+        return slice(offset[key], offset[key] + width(shapes[key]))
 
     rows, cols = [], []
     required = np.zeros(total, bool)
@@ -126,6 +138,19 @@ def plan_channels(
             if i not in skip:
                 rows.append(offset[op.inputs[i]] + ch_in)
                 cols.append(offset[op.outputs[o]] + ch_out)
+    rule_of = {id(op): rule for op, rule in zip(graph.ops, rules, strict=True)}
+    for calls in shared.values():  # one layer, one set of channels for all its calls
+        first, rule = calls[0], rule_of[id(calls[0])]
+        if not (first.layer.weights or rule.boundary or isinstance(rule, ReshapeRule)):
+            continue  # nothing in the layer depends on the channels
+        for op in calls[1:]:
+            for a, b in [*zip(first.inputs, op.inputs, strict=True),
+                         *zip(first.outputs, op.outputs, strict=True)]:
+                if width(shapes[a]) != width(shapes[b]):
+                    required[span(a)] = required[span(b)] = True
+                    continue
+                rows.append(offset[a] + np.arange(width(shapes[a])))
+                cols.append(offset[b] + np.arange(width(shapes[b])))
     rows = np.concatenate(rows) if rows else np.zeros(0, int)
     cols = np.concatenate(cols) if cols else np.zeros(0, int)
     adjacency = coo_matrix((np.ones(len(rows), bool), (rows, cols)), shape=(total, total))
@@ -146,11 +171,11 @@ def plan_channels(
             needed = required.copy()
             for op, matrix, can in boundaries:
                 needed[span(op.inputs[0])] |= reads(op, matrix, can, present)
-            group_kept = np.zeros(labels.max() + 1, bool)
+            group_kept = np.zeros(labels.max(initial=-1) + 1, bool)
             group_kept[labels[needed]] = True
             new_present = group_kept[labels]
             for key in keys:  # no tensor may lose every channel
-                if not new_present[span(key)].any():
+                if width(shapes[key]) and not new_present[span(key)].any():
                     group_kept[labels[offset[key]]] = True
                     new_present = group_kept[labels]
             if np.array_equal(new_present, present):
@@ -178,6 +203,12 @@ def plan_channels(
             if multiple_of:
                 spare = np.flatnonzero(present[span(key)] & ~own[id(op)])
                 own[id(op)][spare[: -int(own[id(op)].sum()) % multiple_of]] = True
+    for calls in shared.values():  # a shared layer reads the same channels in every call
+        if all(id(op) in own for op in calls):
+            union = np.logical_or.reduce([own[id(op)] for op in calls])
+            own.update({id(op): union.copy() for op in calls})
+    for op, _, _ in boundaries:
+        key = op.inputs[0]
         dropped_const = const[key] & ~own[id(op)]
         if dropped_const.any():
             folded[id(op)] = np.where(dropped_const, values[key], 0.0)
@@ -185,8 +216,12 @@ def plan_channels(
     return ChannelPlan(graph, rules, per_tensor, barriers, live, own, folded, dropped, values)
 
 
-def _emit(plan: ChannelPlan, rule: Rule, op, values: dict) -> list:
-    """Builds the slim version of `op` on the new tensors in `values`."""
+def _emit(plan: ChannelPlan, rule: Rule, op, values: dict, built: dict) -> list:
+    """Builds the slim version of `op` on the new tensors in `values`.
+
+    `built` maps `id` of a layer called more than once to its rebuilt layer:
+    later calls reuse it, so the slim model shares it the same way.
+    """
     present_in = [plan.present[k] for k in op.inputs]
     present_out = [plan.present[k] for k in op.outputs]
     if id(op) in plan.dropped:
@@ -206,16 +241,41 @@ def _emit(plan: ChannelPlan, rule: Rule, op, values: dict) -> list:
         bias = None
         if id(op) in plan.folded and rule.folds(op.layer):
             bias = rule.fold(op, plan.folded[id(op)])
-        layer, weights = rule.rebuild(op, [own], present_out, bias=bias)
-    else:
+        if id(op.layer) not in built:
+            layer, weights = rule.rebuild(op, [own], present_out, bias=bias)
+    elif id(op.layer) not in built:
         layer, weights = rule.rebuild(op, present_in, present_out)
     args, kwargs = op.node.arguments.fill_in(mapping)
+    if id(op.layer) in built:
+        return keras.tree.flatten(built[id(op.layer)](*args, **kwargs))
+    if isinstance(op.layer, keras.layers.Layer):
+        built[id(op.layer)] = layer
     if weights is None:
         return keras.tree.flatten(layer(*args, **kwargs))
     with _zero_initializers(layer):
         outputs = keras.tree.flatten(layer(*args, **kwargs))
-    layer.set_weights(weights)
+    if isinstance(weights, keras.layers.Layer):
+        copy_state(weights, layer)
+    else:
+        layer.set_weights(weights)
     return outputs
+
+
+def _check_against(model, small, expected, check_inputs, atol) -> None:
+    """Raises if `small` differs from `model` on `check_inputs` beyond `atol`
+    (relative to the largest |output|; None: from the dtype policy)."""
+    scale = max(max(float(np.abs(e).max(initial=0.0)) for e in expected), 1e-12)
+    diff = max_difference(model, expected, small, outputs(small, check_inputs))
+    if atol is None:
+        low = any(keras.backend.standardize_dtype(layer.compute_dtype)
+                  in ("float16", "bfloat16") for layer in iter_layers(model))
+        atol = 2e-2 if low else 1e-4
+    if not diff <= atol * scale:
+        raise RuntimeError(
+            f"slim: the slim model differs from '{model.name}' by {diff:.3g} "
+            f"(allowed {atol * scale:.3g}: atol {atol:g} × max |output| {scale:.3g}). "
+            "This is a bug in keras_psp's surgery: please report it with the model."
+        )
 
 
 @contextlib.contextmanager
@@ -283,39 +343,35 @@ def slim(
     check_graph_model(model, "slim")
     for layer in psp_layers(model):
         layer.check_finite("slim the model")
+    check_tolerance(atol, "slim")
+    expected = None
+    if check_inputs is not None:  # up front: refuse bad arguments before the work
+        check_inputs_argument(check_inputs, "slim")
+        expected = outputs(model, check_inputs)
+        if not all(np.all(np.isfinite(e)) for e in expected):
+            raise non_finite_error(model, "slim")
     graph = unwrap(flatten(model))
     if multiple_of is not None and (not isinstance(multiple_of, int) or multiple_of < 1):
         raise ValueError(f"slim: multiple_of must be a positive integer, got {multiple_of!r}.")
     plan = plan_channels(graph, gather, multiple_of)
     if plan.barriers:
+        listed = ", ".join(f"'{name}' ({why})" for name, why in plan.barriers)
         warnings.warn(
-            "slim: surgery does not know layer(s) "
-            f"{', '.join(plan.barriers)}; every channel through them is kept.",
+            f"slim: surgery keeps every channel through layer(s) {listed}; structures cut "
+            "in or next to them stay as zero weights. Surgery handles channels_last layers "
+            "of the types it knows; to teach it a layer of your own, register it (README, "
+            "'Extending keras_psp').",
             stacklevel=2,
         )
 
     rule_of = {id(op): rule for op, rule in zip(graph.ops, plan.rules, strict=True)}
+    built = {}
     small = rebuild(
         graph,
-        lambda op, values: _emit(plan, rule_of[id(op)], op, values),
+        lambda op, values: _emit(plan, rule_of[id(op)], op, values, built),
         name=f"{model.name}_slim",
         live=plan.live,
     )
     if check_inputs is not None:
-        from keras_psp.verify import verify
-
-        reference = np.concatenate(
-            [np.ravel(np.asarray(y)) for y in keras.tree.flatten(model.predict(check_inputs, verbose=0))]
-        )
-        scale = max(float(np.abs(reference).max()), 1e-12)
-        diff = verify(model, small, check_inputs)
-        if atol is None:
-            low = any(keras.backend.standardize_dtype(layer.compute_dtype)
-                      in ("float16", "bfloat16") for layer in iter_layers(model))
-            atol = 2e-2 if low else 1e-4
-        if not diff <= atol * scale:
-            raise RuntimeError(
-                f"slim: the slim model differs from '{model.name}' by {diff:.3g} "
-                f"(allowed {atol * scale:.3g}). Please report this with the model."
-            )
+        _check_against(model, small, expected, check_inputs, atol)
     return small

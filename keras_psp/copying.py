@@ -1,0 +1,128 @@
+"""Copies of single layers: a new layer object, then the old one's state.
+
+`wrap`, `strip` and `slim` build new models, so they need copies of layers
+that compute exactly what the originals compute, without sharing variables
+with the user's model (training the copy must not change the original).
+
+- `copy_layer` makes the new, unbuilt object: from the layer's config, as
+  `keras.models.clone_model` does; when the config cannot re-create the layer
+  (a bug in that layer's `get_config`), a deep copy without its graph
+  connections instead.
+- `copy_state` moves everything Keras would save of a built layer into its
+  copy: each (sub)layer's own variables through `save_own_variables` /
+  `load_own_variables`, and its assets (a lookup vocabulary) through
+  `save_assets` / `load_assets`. Layers that keep derived state outside their
+  variables (an adapted `Normalization`'s mean and variance) refresh it in
+  `load_own_variables`, exactly as when a `.keras` file loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+
+import keras
+from keras.src.saving.serialization_lib import SafeModeScope
+
+
+class LayerCopyError(ValueError):
+    """A layer cannot be copied; the message names it and says why."""
+
+
+def _describe(layer) -> str:
+    return f"'{layer.name}' ({type(layer).__module__}.{type(layer).__name__})"
+
+
+def copy_layer(layer, **updates):
+    """A new layer of the same class, config and `updates`, unbuilt if possible.
+
+    The layer is an object the user handed us in memory, not a file, so a
+    `Lambda` holding a Python lambda is copied too (safe mode is for files).
+    A stateless `keras.ops` operation is returned as it is.
+
+    When `from_config(get_config())` fails (the layer's config cannot
+    re-create it) and no `updates` are asked for, the layer is deep-copied
+    instead, variables included but without the nodes that tie it to the
+    original model's graph; the copy is then already built.
+
+    Raises:
+        LayerCopyError: if neither works, naming the layer and the error of
+            its config.
+    """
+    if not isinstance(layer, keras.layers.Layer):
+        return layer
+    try:
+        with SafeModeScope(False):
+            return layer.__class__.from_config({**layer.get_config(), **updates})
+    except Exception as error:  # a broken get_config/from_config pair
+        if updates:
+            raise LayerCopyError(
+                f"Cannot rebuild layer {_describe(layer)} with {sorted(updates)} changed: "
+                f"`{type(layer).__name__}.from_config(layer.get_config())` fails with "
+                f"{type(error).__name__}: {error}. This is a bug in that layer's config; "
+                "fix its get_config, or leave the layer unwrapped."
+            ) from error
+        config_error = error
+    try:
+        return _deep_copy(layer)
+    except Exception as error:
+        raise LayerCopyError(
+            f"Cannot copy layer {_describe(layer)}: its config does not re-create it "
+            f"(`from_config(get_config())` fails with {type(config_error).__name__}: "
+            f"{config_error}), and a deep copy fails too ({type(error).__name__}: {error}). "
+            "This is a bug in that layer's get_config; fix it (or report it to the "
+            "layer's authors) so that the layer can be re-created from its config."
+        ) from error
+
+
+def _deep_copy(layer):
+    """`copy.deepcopy` of `layer` and its sublayers, minus their graph nodes."""
+    memo = {}
+    for sub in layer._flatten_layers(include_self=True, recursive=True):
+        for attribute in ("_inbound_nodes", "_outbound_nodes"):
+            nodes = getattr(sub, attribute, None)
+            if nodes is not None:
+                memo[id(nodes)] = []
+    twin = copy.deepcopy(layer, memo)
+    if any(a is b for a, b in zip(twin.weights, layer.weights, strict=False)):
+        raise TypeError("the copy shares variables with the original")
+    return twin
+
+
+def _overrides(layer, method: str) -> bool:
+    own = getattr(type(layer), method, None)
+    return own is not None and own is not getattr(keras.layers.Layer, method, None)
+
+
+def copy_state(source: keras.layers.Layer, target: keras.layers.Layer) -> None:
+    """Copies all the state Keras saves of built `source` into built `target`.
+
+    `target` must have the structure of `source` (a copy by `copy_layer`):
+    the same sublayers in the same order, each with the same variables.
+
+    Raises:
+        LayerCopyError: if the structures differ, naming the layer.
+    """
+    if source is target:
+        return
+    sources = list(source._flatten_layers(include_self=True, recursive=True))
+    targets = list(target._flatten_layers(include_self=True, recursive=True))
+    if len(sources) != len(targets):
+        raise LayerCopyError(
+            f"Cannot copy the state of layer {_describe(source)}: its copy has "
+            f"{len(targets)} (sub)layers, the original {len(sources)}. The layer's config "
+            "does not re-create the same layer."
+        )
+    for src, dst in zip(sources, targets, strict=True):
+        store = {}
+        src.save_own_variables(store)
+        try:
+            dst.load_own_variables(store)
+        except ValueError as error:
+            raise LayerCopyError(
+                f"Cannot copy the state of layer {_describe(src)} into its copy: {error}"
+            ) from error
+        if _overrides(src, "save_assets"):
+            with tempfile.TemporaryDirectory(prefix="keras_psp_assets_") as folder:
+                src.save_assets(folder)
+                dst.load_assets(folder)
