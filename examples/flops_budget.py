@@ -2,8 +2,9 @@
 
 The main job's model and data (ResNet-8 16-32-64 on 28×28 Fashion-MNIST,
 stem stride 2, SGD momentum 0.9, cosine from 0.1, batch 128), wrapped with
-input-channel PSP; `keras_psp.FlopsBudget` adapts the α strength each epoch
-so that the slimmed model ends near `--target` of the unpruned FLOPs.
+input-channel PSP; `keras_psp.FlopsBudget` cuts the lowest-ranked structures
+on a schedule so that the slimmed model ends at `--target` of the unpruned
+FLOPs, and re-estimates BatchNormalization statistics before each validation.
 Prints, per epoch, the slimmed model's FLOPs fraction, and at the end the
 slim model's FLOPs fraction and test accuracy; writes `budget.json` to --out.
 
@@ -59,7 +60,7 @@ def main(argv=None) -> dict:
         metrics=["accuracy"],
     )
     monitor = keras_psp.SeparationMonitor()
-    budget = keras_psp.FlopsBudget(target=args.target, tolerance=args.tolerance)
+    budget = keras_psp.FlopsBudget(target=args.target, recalibrate=x_train[:4096])
     print(f"FlopsBudget target {args.target} ± {args.tolerance}; {len(x_train)} training "
           f"images, {args.epochs} epochs", flush=True)
     start = time.perf_counter()
@@ -68,9 +69,9 @@ def main(argv=None) -> dict:
               verbose=args.verbose)
     seconds = time.perf_counter() - start
 
-    print(f"\n{'epoch':>5}{'FLOPs':>8}{'goal':>8}{'strength':>10}{'cut':>8}{'separation':>12}")
+    print(f"\n{'epoch':>5}{'FLOPs':>8}{'goal':>8}{'cut':>8}{'separation':>12}")
     for b, m in zip(budget.history, monitor.history, strict=True):
-        print(f"{b['epoch'] + 1:>5}{b['psp_flops']:>8.3f}{b['goal']:>8.3f}{b['strength']:>10.3g}"
+        print(f"{b['epoch'] + 1:>5}{b['psp_flops']:>8.3f}{b['goal']:>8.3f}"
               f"{m['psp_cut']:>8.3f}{m['psp_separation']:>12.3f}")
     small = keras_psp.slim(model, check_inputs=x_test[:256])
     fraction = keras_psp.count_flops(small) / keras_psp.count_flops(model)

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 from keras.src.utils import io_utils
 
+from keras_psp.cloning import psp_layers
 from keras_psp.distributed.cluster import is_chief
 from keras_psp.slim_cost import SlimCost
 from keras_psp.slim_cost import masks as _masks
@@ -79,12 +80,19 @@ class SeparationMonitor(keras.callbacks.Callback):
             self.on_train_batch_end = self._on_step
 
     def on_train_begin(self, logs=None):
+        self._wait, self._step, self._steps_done, self._writer = 0, 0, 0, None
+        self._next_check, self._warned, self.stopped_epoch = self.every_n_steps or 0, set(), None
+        self._started = False
+        layers = psp_layers(self.model)
+        if not layers or all(layer.built for layer in layers):
+            self._start()  # else: a model that fit builds on its first batch
+
+    def _start(self):
         self._psp = _require_psp_layers(self.model, "SeparationMonitor", graph=self.flops)
         if self.flops and getattr(self._cost, "model", None) is not self.model:
             self._cost = SlimCost(self.model, self._psp)  # kept across fits of one model
         self._last = self._epoch_start = _masks(self._psp)
-        self._wait, self._step, self._steps_done, self._writer = 0, 0, 0, None
-        self._next_check, self._warned, self.stopped_epoch = self.every_n_steps or 0, set(), None
+        self._started = True
         if self.log_dir and keras.backend.backend() != "tensorflow":
             warnings.warn(f"SeparationMonitor: `log_dir` needs the TensorFlow backend; the "
                           f"'{keras.backend.backend()}' backend writes no event file.", stacklevel=2)
@@ -149,6 +157,8 @@ class SeparationMonitor(keras.callbacks.Callback):
         self._writer.flush()
 
     def _on_step(self, batch, logs=None):
+        if not self._started:
+            self._start()
         self._step = self._steps_done + batch + 1  # steps since training began
         if self._step < self._next_check:
             return
@@ -159,6 +169,8 @@ class SeparationMonitor(keras.callbacks.Callback):
         self._write("batch", self._step, record, self.layers)
 
     def on_epoch_end(self, epoch, logs=None):
+        if not self._started:
+            self._start()
         self._steps_done = max(self._steps_done, self._step)
         record, masks = self._check(self._epoch_start)
         self._epoch_start = masks

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import warnings
 
 import keras
 from keras.src.saving.serialization_lib import SafeModeScope
+from keras.src.utils.tracking import DotNotTrackScope
 
 
 class LayerCopyError(ValueError):
@@ -43,7 +45,8 @@ def copy_layer(layer, **updates):
     When `from_config(get_config())` fails (the layer's config cannot
     re-create it) and no `updates` are asked for, the layer is deep-copied
     instead, variables included but without the nodes that tie it to the
-    original model's graph; the copy is then already built.
+    original model's graph; the copy is then already built, and a warning
+    (once per class) says that a `.keras` file holding it will not load.
 
     Raises:
         LayerCopyError: if neither works, naming the layer and the error of
@@ -64,7 +67,7 @@ def copy_layer(layer, **updates):
             ) from error
         config_error = error
     try:
-        return _deep_copy(layer)
+        twin = _deep_copy(layer)
     except Exception as error:
         raise LayerCopyError(
             f"Cannot copy layer {_describe(layer)}: its config does not re-create it "
@@ -73,18 +76,51 @@ def copy_layer(layer, **updates):
             "This is a bug in that layer's get_config; fix it (or report it to the "
             "layer's authors) so that the layer can be re-created from its config."
         ) from error
+    _warn_broken_config(layer, config_error)
+    return twin
+
+
+_WARNED: set[type] = set()
+
+
+def _warn_broken_config(layer, error) -> None:
+    """Once per class: the layer was deep-copied because its config is broken."""
+    if type(layer) in _WARNED:
+        return
+    _WARNED.add(type(layer))
+    warnings.warn(
+        f"Layer {_describe(layer)} cannot be re-created from its own config "
+        f"(`from_config(get_config())` fails with {type(error).__name__}: {error}); keras_psp "
+        "deep-copied it instead, so the new model computes the same. A `.keras` file of a "
+        "model holding this layer will not load until its get_config is fixed: this is a bug "
+        f"in {type(layer).__module__.split('.')[0]}, not in your model.",
+        stacklevel=4,
+    )
 
 
 def _deep_copy(layer):
-    """`copy.deepcopy` of `layer` and its sublayers, minus their graph nodes."""
+    """A deep copy of `layer` and its sublayers that never goes through their
+    configs, minus the nodes that tie them to the original model's graph.
+
+    `copy.deepcopy` of a Keras layer pickles it through its config
+    (`KerasSaveable.__reduce__`), which is what fails here; so each (sub)layer
+    is re-made with `__new__` and given a deep copy of its attributes, with
+    the variables copied by their own `__deepcopy__`.
+    """
+    subs = list(layer._flatten_layers(include_self=True, recursive=True))
     memo = {}
-    for sub in layer._flatten_layers(include_self=True, recursive=True):
+    for sub in subs:
+        memo[id(sub)] = object.__new__(type(sub))
         for attribute in ("_inbound_nodes", "_outbound_nodes"):
             nodes = getattr(sub, attribute, None)
             if nodes is not None:
                 memo[id(nodes)] = []
-    twin = copy.deepcopy(layer, memo)
-    if any(a is b for a, b in zip(twin.weights, layer.weights, strict=False)):
+    with DotNotTrackScope():  # the copied trackers and their stores arrive together
+        for sub in subs:
+            memo[id(sub)].__dict__.update(copy.deepcopy(sub.__dict__, memo))
+    twin = memo[id(layer)]
+    originals = {id(v) for v in layer.weights}
+    if any(id(v) in originals for v in twin.weights):
         raise TypeError("the copy shares variables with the original")
     return twin
 

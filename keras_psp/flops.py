@@ -46,8 +46,10 @@ ZERO_MAC_TYPES = tuple(
 def register_macs(*layer_types: type) -> Callable[[MacFunction], MacFunction]:
     """Registers `fn(layer, input_shape, output_shape) -> MACs` for layer types.
 
-    Shapes are those of one call, batch dimension first. Subclasses of a
-    registered type use its function unless they have their own.
+    Shapes are those of one call, batch dimension first. Read channel counts
+    from the shapes, not from the layer's config (`filters`, `units`): the
+    same function then counts the layer at the widths `slim` leaves it.
+    Subclasses of a registered type use its function unless they have their own.
 
     Example:
 
@@ -78,17 +80,21 @@ def _terms(layer, input_shape, output_shape) -> tuple[int, int, int]:
     return positions, _split(layer, input_shape)[1], math.prod(layer.kernel_size)
 
 
+# Channel counts come from the shapes, not from the layer's config, so that the
+# same functions count a layer at the widths surgery leaves (`keras_psp.surgery.cost`).
+
+
 @register_macs(BaseConv)
 def _conv(layer, input_shape, output_shape):
     positions, channels, kernel = _terms(layer, input_shape, output_shape)
-    return positions * kernel * (channels // layer.groups) * layer.filters
+    return positions * kernel * (channels // layer.groups) * _split(layer, output_shape)[1]
 
 
 @register_macs(BaseConvTranspose)
 def _conv_transpose(layer, input_shape, output_shape):
     # Every input position scatters one kernel per filter.
     positions, channels = _split(layer, input_shape)
-    return positions * math.prod(layer.kernel_size) * channels * layer.filters
+    return positions * math.prod(layer.kernel_size) * channels * _split(layer, output_shape)[1]
 
 
 @register_macs(BaseDepthwiseConv)
@@ -101,12 +107,18 @@ def _depthwise(layer, input_shape, output_shape):
 def _separable(layer, input_shape, output_shape):
     positions, channels, kernel = _terms(layer, input_shape, output_shape)
     # Depthwise (kernel MACs per channel), then pointwise (filters per channel).
-    return positions * channels * layer.depth_multiplier * (kernel + layer.filters)
+    filters = _split(layer, output_shape)[1]
+    return positions * channels * layer.depth_multiplier * (kernel + filters)
 
 
 @register_macs(keras.layers.Dense)
 def _dense(layer, input_shape, output_shape):
-    return math.prod(input_shape[1:-1]) * int(input_shape[-1]) * layer.units
+    return math.prod(input_shape[1:-1]) * int(input_shape[-1]) * int(output_shape[-1])
+
+
+def mac_function(layer) -> MacFunction | None:
+    """The MAC function registered for `layer`'s class or its closest base."""
+    return _mac_function(layer)
 
 
 def _mac_function(layer) -> MacFunction | None:

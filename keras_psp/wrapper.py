@@ -6,10 +6,12 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_psp.penalties import DEFAULT_STRENGTH as DEFAULT_STRENGTHS
+from keras_psp.penalties import VariableStrength, get_penalty, is_relative, strength_attribute
 from keras_psp.structures import STRUCTURES, get_handler, supported_layer_types
 
-#: Default L2 strength on α, measured on Fashion-MNIST (see README, "Defaults").
-DEFAULT_STRENGTH = 2e-2
+#: Default strength of the α penalty (the same for "l2", "l1" and "relative_l1").
+DEFAULT_STRENGTH = DEFAULT_STRENGTHS["l2"]
 #: Default pruning threshold, relative to the layer's largest |α|.
 DEFAULT_THRESHOLD = 1e-2
 
@@ -39,50 +41,6 @@ def keep_mask(alpha, threshold: float, structure: str):
     return ops.logical_and(magnitude > 0, magnitude >= threshold * reference)
 
 
-def _regularizer(regularizer, strength):
-    if regularizer in ("l2", "l1"):
-        strength = DEFAULT_STRENGTH if strength is None else float(strength)
-        if strength < 0:
-            raise ValueError(f"`strength` must be >= 0, got {strength}.")
-        cls = keras.regularizers.L2 if regularizer == "l2" else keras.regularizers.L1
-        return cls(strength)
-    if strength is not None:
-        raise ValueError(
-            "`strength` only applies to regularizer='l2' or 'l1'; got "
-            f"regularizer={regularizer!r} and strength={strength}. Put the "
-            "strength into the regularizer object instead."
-        )
-    return keras.regularizers.get(regularizer)
-
-
-def _strength_kind(regularizer) -> str | None:
-    """"l2" or "l1" for a plain `keras.regularizers.L2`/`L1`, else None."""
-    if type(regularizer) is keras.regularizers.L2:
-        return "l2"
-    if type(regularizer) is keras.regularizers.L1:
-        return "l1"
-    return None
-
-
-class _VariableStrength:
-    """L2 or L1 on α with the strength read from a variable.
-
-    Keras bakes a regularizer's float strength into the traced train function
-    (TF graph, XLA, JAX jit): changing it would need a new trace. Read from a
-    (non-trainable) variable of the layer, a new strength applies at the next
-    step without one. Only attached to α; the layer's config keeps the plain
-    Keras regularizer.
-    """
-
-    def __init__(self, kind: str, strength: keras.Variable):
-        self.kind, self.strength = kind, strength
-
-    def __call__(self, x):
-        x = ops.cast(x, "float32")
-        term = ops.sum(ops.square(x)) if self.kind == "l2" else ops.sum(ops.abs(x))
-        return ops.cast(self.strength, "float32") * term
-
-
 @keras.saving.register_keras_serializable(package="keras_psp")
 class PSP(keras.layers.Wrapper):
     """Parameterized structured pruning of one Keras layer.
@@ -103,10 +61,14 @@ class PSP(keras.layers.Wrapper):
             `DepthwiseConv1D/2D`, `SeparableConv1D/2D` or `Dense`.
         structure: `"channel"`, `"filter"`, `"column"`, `"shape"` or `"layer"`.
         threshold: Relative pruning threshold (see `keep_mask`).
-        regularizer: `"l2"` (weight decay, the method's default), `"l1"`, any
-            Keras regularizer (object, name or config), or None.
-        strength: Strength of the `"l2"`/`"l1"` regularizer on α. Defaults to
-            `DEFAULT_STRENGTH`.
+        regularizer: The penalty on α: `"l2"` (weight decay, the paper's
+            method), `"l1"`, `"relative_l1"` (L1 of α relative to its RMS over
+            the layer's kept structures, with the layer computing with that
+            relative α: a uniform scale of α means nothing, so BN cannot
+            cancel it; see `keras_psp.penalties`), any Keras regularizer
+            (object, name or config), or None.
+        strength: Strength of the `"l2"`/`"l1"`/`"relative_l1"` penalty.
+            Defaults to `DEFAULT_STRENGTH`.
         **kwargs: Base layer arguments (`name`, `dtype`...). The name defaults
             to the wrapped layer's name.
 
@@ -169,7 +131,7 @@ class PSP(keras.layers.Wrapper):
         super().__init__(layer, **kwargs)
         self.structure = structure
         self.threshold = float(threshold)
-        self.alpha_regularizer = _regularizer(regularizer, strength)
+        self.alpha_regularizer = get_penalty(regularizer, strength)
         self.alpha_strength = None
         self.plan = None
 
@@ -177,27 +139,35 @@ class PSP(keras.layers.Wrapper):
         if not self.layer.built:
             self.layer.build(input_shape)
         self.plan = self._handler.plan(self.layer, self.structure)
-        kind = _strength_kind(self.alpha_regularizer)
+        named = strength_attribute(self.alpha_regularizer)
         self.alpha = self.add_weight(
             name="alpha",
             shape=self.plan.shape,
             initializer="ones",
-            regularizer=None if kind else self.alpha_regularizer,
+            regularizer=None if named else self.alpha_regularizer,
             dtype="float32",
             autocast=False,
         )
         self.alpha_strength = None
-        if kind:  # a variable strength: `keras_psp.budget.set_strength` needs no retrace
+        if named:  # a variable strength: `keras_psp.budget.set_strength` needs no retrace
             self.alpha_strength = self.add_weight(
                 name="alpha_strength",
                 shape=(),
-                initializer=keras.initializers.Constant(getattr(self.alpha_regularizer, kind)),
+                initializer=keras.initializers.Constant(getattr(self.alpha_regularizer, named)),
                 trainable=False,
                 dtype="float32",
                 autocast=False,
             )
-            self.alpha.regularizer = _VariableStrength(kind, self.alpha_strength)
+            self.alpha.regularizer = VariableStrength(
+                self.alpha_regularizer, self.alpha_strength,
+                self.effective_alpha if self.relative else None)
         self.built = True
+
+    @property
+    def relative(self) -> bool:
+        """Whether the layer computes with α relative to its RMS ("relative_l1";
+        a layer-wise α has nothing to be relative to and stays raw)."""
+        return is_relative(self.alpha_regularizer) and self.structure != "layer"
 
     def set_strength(self, strength: float) -> None:
         """Sets the L2/L1 strength on α; the next training step uses it.
@@ -205,34 +175,44 @@ class PSP(keras.layers.Wrapper):
         Args:
             strength: The new strength (>= 0).
         """
-        kind = _strength_kind(self.alpha_regularizer)
-        if kind is None:
+        named = strength_attribute(self.alpha_regularizer)
+        if named is None:
             raise ValueError(
                 f"PSP layer '{self.name}' has α regularizer "
                 f"{type(self.alpha_regularizer).__name__ if self.alpha_regularizer else None}; "
-                "only keras.regularizers.L2 or L1 strengths can be set. Wrap with "
-                "regularizer='l2' (the default) or 'l1'."
+                "only the strengths of the named penalties can be set. Wrap with "
+                "regularizer='l2', 'l1' or 'relative_l1'."
             )
         if not float(strength) >= 0:
             raise ValueError(f"`strength` must be >= 0, got {strength} for layer '{self.name}'.")
-        setattr(self.alpha_regularizer, kind, float(strength))
+        setattr(self.alpha_regularizer, named, float(strength))
         if self.alpha_strength is not None:
             self.alpha_strength.assign(float(strength))
 
-    def effective_alpha(self):
-        """α with cut structures set to zero (a float32 tensor)."""
-        alpha = ops.convert_to_tensor(self.alpha)
-        keep = keep_mask(alpha, self.threshold, self.structure)
-        return alpha * ops.cast(keep, alpha.dtype)
+    def effective_alpha(self, alpha=None):
+        """The scales the layer computes with: α, cut structures zero, and with
+        `relative` divided by the RMS of the kept α (a float32 tensor).
 
-    def effective_kernels(self, dtype=None) -> dict:
+        Args:
+            alpha: Values to use instead of the layer's α (same shape), e.g. a
+                candidate cut; None: the layer's own.
+        """
+        alpha = ops.convert_to_tensor(self.alpha if alpha is None else alpha, "float32")
+        keep = ops.cast(keep_mask(alpha, self.threshold, self.structure), alpha.dtype)
+        alpha = alpha * keep
+        if self.relative:  # α relative to the RMS of the kept α
+            mean_square = ops.sum(ops.square(alpha)) / ops.maximum(ops.sum(keep), 1.0)
+            alpha = alpha * ops.rsqrt(ops.maximum(mean_square, 1e-30))
+        return alpha
+
+    def effective_kernels(self, dtype=None, alpha=None) -> dict:
         """The wrapped layer's kernels with α folded in, by attribute name."""
         dtype = dtype or self.compute_dtype
         kernels = {
             name: ops.cast(getattr(self.layer, name), dtype)
             for name in self._handler.kernels
         }
-        scale = ops.cast(self.plan.expand(self.effective_alpha()), dtype)
+        scale = ops.cast(self.plan.expand(self.effective_alpha(alpha)), dtype)
         kernels[self.plan.kernel] = kernels[self.plan.kernel] * scale
         return kernels
 
@@ -265,14 +245,19 @@ class PSP(keras.layers.Wrapper):
                 "checkpoint and train with a lower learning rate or α strength."
             )
 
-    def folded_weights(self) -> list[np.ndarray]:
+    def folded_weights(self, alpha=None) -> list[np.ndarray]:
         """The wrapped layer's weights with α folded into the kernel.
 
         The list matches `self.layer.get_weights()`, so a plain copy of the
         layer takes it with `set_weights`. Cut structures are exactly zero.
+
+        Args:
+            alpha: α values to fold instead of the layer's own (a candidate
+                cut); None: the layer's α.
         """
-        self.check_finite("fold α into the kernel")
-        folded = self.effective_kernels("float32")
+        if alpha is None:
+            self.check_finite("fold α into the kernel")
+        folded = self.effective_kernels("float32", alpha)
         by_id = {id(getattr(self.layer, n)): n for n in self._handler.kernels}
         out = []
         for variable in self.layer.weights:
@@ -287,9 +272,8 @@ class PSP(keras.layers.Wrapper):
 
     def get_config(self):
         if self.alpha_strength is not None:  # the strength in use, e.g. set by FlopsBudget
-            kind = _strength_kind(self.alpha_regularizer)
             value = float(ops.convert_to_numpy(self.alpha_strength))
-            setattr(self.alpha_regularizer, kind, value)
+            setattr(self.alpha_regularizer, strength_attribute(self.alpha_regularizer), value)
         config = super().get_config()
         config.update(
             {

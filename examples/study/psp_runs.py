@@ -54,10 +54,7 @@ def train_psp(config: Config, data: Data, seed: int, variant: str, target: float
                                regularizer=regularizer, strength=config.strength)
     compile_sgd(model, config, data, config.lr, config.epochs)
     monitor = keras_psp.SeparationMonitor(verbose=0)
-    start = config.strength or keras_psp.wrapper.DEFAULT_STRENGTH
-    budget = keras_psp.FlopsBudget(
-        target=target, verbose=config.verbose,
-        max_strength=start * config.max_strength_factor if config.max_strength_factor else None)
+    budget = keras_psp.FlopsBudget(target=target, verbose=config.verbose)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         seconds = fit(model, config, data, config.epochs, seed, [monitor, budget])

@@ -1,0 +1,62 @@
+"""What `slim` would give, from its channel plan alone: no model is rebuilt.
+
+`plan_channels` decides every width of the slim model; the MAC functions of
+`keras_psp.flops` count a layer from its input and output shapes. Counting
+each live op at its planned widths gives `count_flops(slim(model))` at a
+fraction of the cost of building the slim model, which is what ranking and
+budget searches need (they evaluate many candidate cuts).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from keras_psp.flops import mac_function
+from keras_psp.surgery.graph import flatten, unwrap, width
+from keras_psp.surgery.slim import plan_channels
+
+
+def planned_macs(plan) -> int:
+    """Multiply-accumulates per example of the model `plan` describes.
+
+    Args:
+        plan: A `keras_psp.surgery.slim.ChannelPlan`.
+
+    Returns:
+        The MACs `count_flops` would count on the slim model, an int.
+    """
+    graph, total = plan.graph, 0
+    for op in graph.ops:
+        if id(op) not in plan.live:
+            continue
+        fn = mac_function(op.layer)
+        if fn is None:
+            continue
+        shapes = []
+        for key, kept in ((op.inputs[0], plan.own.get(id(op))), (op.outputs[0], None)):
+            shape = list(graph.shapes[key])
+            if width(shape):
+                shape[-1] = int(np.sum(plan.present[key] if kept is None else kept))
+            shapes.append(tuple(shape))
+        if None in shapes[0][1:] or None in shapes[1][1:]:
+            raise ValueError(
+                f"Cannot count the FLOPs of layer '{op.layer.name}': its input shape "
+                f"{graph.shapes[op.inputs[0]]} is not fixed. Build the model on a fixed "
+                "input shape."
+            )
+        total += int(fn(op.layer, *shapes))
+    return total
+
+
+def slim_flops(model, alphas: dict | None = None, gather: bool = True,
+               multiple_of: int | None = None) -> int:
+    """`count_flops(slim(model, gather=..., multiple_of=...))`, without building it.
+
+    Args:
+        model: A PSP-wrapped model, or a plain one with zeroed structures.
+        alphas: α values to use instead of the PSP layers' own, by `id` of
+            the layer (a candidate cut); None: their α.
+        gather, multiple_of: As in `slim`.
+    """
+    graph = unwrap(flatten(model), alphas)
+    return planned_macs(plan_channels(graph, gather, multiple_of))
