@@ -75,8 +75,8 @@ def parser(doc: str, structures: tuple[str, ...], *, structure: str, epochs: int
     q.add_argument("--threshold", type=float, default=keras_psp.wrapper.DEFAULT_THRESHOLD,
                    help="cut α below threshold × the layer's largest |α|")
     q.add_argument("--flops-target", type=float, default=None,
-                   help="adapt the strength so that the slim model keeps this fraction of the "
-                        "FLOPs (keras_psp.FlopsBudget; a resumed run restarts it from --strength)")
+                   help="cut on a schedule so that the slim model keeps this fraction of the "
+                        "FLOPs (keras_psp.FlopsBudget; a resumed run goes on from the saved α)")
     q.add_argument("--multiple-of", type=int, default=None,
                    help="slim: round widths up to a multiple of this (8 suits GPUs and XLA)")
     d = p.add_argument_group("data")
@@ -357,7 +357,7 @@ def train_prune_export(args, model: keras.Model, data, layers=None, metrics=None
                        "by_layer": {s.name: {"cut": s.cut, "total": s.total} for s in stats}},
         "separation": separation,
         "separation_by_epoch": [row.get("psp_separation") for row in log],
-        "strength_by_epoch": [row.get("psp_strength") for row in log],  # with --flops-target
+        "flops_by_epoch": [row.get("psp_flops") for row in log],  # with --flops-target
         "slim_max_difference": _max_difference(wrapped, small, images[:32]),
         "exports": exports,
         "timings_s": {**timings, "train_per_epoch": timings["train"] / max(trained_now, 1)},

@@ -162,10 +162,10 @@ def count_flops(model: keras.Model, pruned: bool = False) -> int:
     ```
     """
     _check(model, "count the FLOPs of")
-    if pruned:
-        from keras_psp.surgery.slim import slim
+    if pruned:  # from surgery's channel plan: no model is built
+        from keras_psp.surgery.cost import slim_flops
 
-        return count_flops(slim(model))
+        return slim_flops(model)
     per_layer, unknown = _walk(model)
     _warn_unknown(unknown)
     return sum(per_layer.values())

@@ -15,6 +15,39 @@ def pytest_configure(config):
     )
 
 
+#: The JAX run (scripts/test.sh) is a subset: the layer math, saving and cloning,
+#: surgery on small graphs, the callbacks' in-fit checks, ranking and JAX's own
+#: multi-process training. Surgery itself is backend-independent numpy, covered in full
+#: on TensorFlow; wrapping whole keras.applications models on JAX compiles a random
+#: initializer per new layer shape (minutes). Per file: None (every test) or the
+#: substrings of the test names to run.
+JAX_SUBSET = {
+    "test_structures.py": None,
+    "test_wrapper.py": None,
+    "test_saving.py": None,
+    "test_penalties.py": None,
+    "test_recalibration.py": None,
+    "test_cloning.py": None,  # but not _CLONING_EXCLUDED
+    "test_slim_random.py": ("random_graphs",),
+    "test_slim.py": ("plain_chain", "flatten", "fold", "zero_constant", "residual_branch",
+                     "zero_output", "only_path"),
+    "test_callbacks.py": ("logs_in_history", "patience", "non_finite", "strength",
+                          "reaches_the_target[0]", "cuts_down_to_the_schedule"),
+    "test_ranking.py": ("lowest_relative", "optimizer_slots", "refuses"),
+    "test_pruning.py": ("trained_model",),
+    "test_distributed.py": None,
+    "test_distributed_jax.py": None,
+}
+_CLONING_EXCLUDED = ("keras_applications", "nested_application", "convnext")
+
+
+def _in_jax_subset(item) -> bool:
+    if item.path.name == "test_cloning.py" and any(x in item.name for x in _CLONING_EXCLUDED):
+        return False
+    wanted = JAX_SUBSET.get(item.path.name, ())
+    return wanted is None or any(part in item.name for part in wanted)
+
+
 def pytest_collection_modifyitems(config, items):
     if keras.backend.backend() == "tensorflow":
         return
@@ -22,6 +55,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "tensorflow_only" in item.keywords:
             item.add_marker(skip)
+    if os.environ.get("PSP_JAX_SUBSET") == "1":  # scripts/test.sh: the JAX run
+        kept = [item for item in items if _in_jax_subset(item)]
+        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+        items[:] = kept
 
 
 @pytest.fixture

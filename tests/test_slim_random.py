@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from keras import layers as L
 
 from helpers import to_numpy
-from keras_psp import PSP, slim
+from keras_psp import PSP, count_flops, slim
 from keras_psp.cloning import iter_layers, psp_layers
+from keras_psp.surgery.cost import slim_flops
 
 SIZE = 5
 #: Random graphs per run; PSP_RANDOM_GRAPHS=20 for a quick local check.
@@ -65,7 +66,8 @@ class _Builder:
         kind = self.draw(
             st.sampled_from(
                 ["conv", "conv", "dw", "sep", "bn", "act", "drop", "pool", "pad_valid",
-                 "pad_crop", "residual", "merge", "ops_add", "concat", "se", "se_dense", "ln"]
+                 "pad_crop", "residual", "merge", "ops_add", "concat", "se", "se_dense", "ln",
+                 "shared", "siamese"]
             )
         )
         if kind == "conv":
@@ -116,11 +118,28 @@ class _Builder:
             dense = L.Dense(c, activation="sigmoid", name=self.name("fc"))
             gate = self.psp(dense, ("channel", "filter"))(gate)
             return L.Multiply()([x, L.Reshape((1, 1, c))(gate)])
+        if kind == "shared":  # one conv on two tensors: one set of channels for both calls
+            other = self.same_channels(tensors[self.draw(st.integers(0, len(tensors) - 1))], c)
+            layer = self.psp(L.Conv2D(self.draw(st.integers(2, 6)), 3, padding="same",
+                                      name=self.name("tied")))
+            return L.Add()([layer(x), layer(other)])
+        if kind == "siamese":  # a nested model called twice: each call its own ops
+            other = self.same_channels(tensors[self.draw(st.integers(0, len(tensors) - 1))], c)
+            inner = keras.Input((SIZE, SIZE, c))
+            y = L.BatchNormalization(name=self.name("bn"))(self.conv(inner, self.draw(
+                st.integers(2, 6))))
+            encoder = keras.Model(inner, L.ReLU()(y), name=self.name("encoder"))
+            return L.Concatenate()([encoder(x), encoder(other)])
         return L.LayerNormalization()(x)
 
     def model(self):
         inputs = keras.Input((SIZE, SIZE, 3))
-        tensors = [self.conv(inputs, self.draw(st.integers(2, 6)))]
+        x = inputs
+        if self.draw(st.booleans()):  # as keras.io's examples start: adapted statistics
+            norm = L.Normalization(name=self.name("norm"))
+            norm.adapt(np.random.default_rng(self.count).normal(2.0, 3.0, (16, SIZE, SIZE, 3)))
+            x = norm(x)
+        tensors = [self.conv(x, self.draw(st.integers(2, 6)))]
         for _ in range(self.draw(st.integers(2, 9))):
             tensors.append(self.step(tensors))
         x = tensors[-1]
@@ -153,6 +172,14 @@ def _randomize(model, data, rng, branch_layers):
             )
 
 
+def _run(model, x):
+    """Inference outputs; on JAX one compiled call (eager JAX compiles every op for
+    every new shape: seconds per random graph)."""
+    if keras.backend.backend() == "jax":
+        return model.predict(x, verbose=0)
+    return to_numpy(model(x, training=False))
+
+
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -165,12 +192,13 @@ def test_random_graphs(data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
     _randomize(model, data, rng, builder.branch_layers)
     x = rng.normal(size=(3, SIZE, SIZE, 3)).astype("float32")
-    reference = to_numpy(model(x, training=False))
+    reference = _run(model, x)
     small = slim(model)
     assert not psp_layers(small)
     assert small.count_params() <= model.count_params()
-    out = to_numpy(small(x, training=False))
+    out = _run(small, x)
     np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+    assert slim_flops(model) == count_flops(small)  # the plan counts what slim builds
 
 
 def test_generator_covers_every_kind():
@@ -180,13 +208,17 @@ def test_generator_covers_every_kind():
     @settings(max_examples=100, deadline=None, database=None, derandomize=True)
     @given(st.data())
     def collect(data):
-        for layer in iter_layers(_Builder(data).model()):
+        model = _Builder(data).model()
+        seen.update(type(layer).__name__ for layer in model.layers)  # nested models too
+        for layer in iter_layers(model):
             seen.update({type(layer).__name__, type(getattr(layer, "layer", layer)).__name__})
+            if len(layer._inbound_nodes) > 1 and layer.name.startswith("tied"):
+                seen.add("shared")
 
     collect()
     expected = {"Conv2D", "DepthwiseConv2D", "SeparableConv2D", "BatchNormalization", "Add",
                 "Concatenate", "Multiply", "Reshape", "Flatten", "ZeroPadding2D",
-                "LayerNormalization", "PSP"}
+                "LayerNormalization", "PSP", "Normalization", "Functional", "shared"}
     assert expected <= seen, expected - seen
 
 

@@ -13,6 +13,7 @@ import math
 import re
 import warnings
 
+import keras
 import numpy as np
 
 import keras_psp
@@ -78,15 +79,13 @@ def train_psp(config: Config, data: Data, seed: int, variant: str, target: float
         "budget_flops_fraction": budget_fraction, "budget_accuracy": budget_accuracy,
         "cut_fraction": 1.0 - sum(int(m.sum()) for m in masks) / sum(m.size for m in masks),
         "separation": monitor.history[-1]["psp_separation"] if monitor.history else None,
-        "strengths": [h["strength"] for h in budget.history],
+        "strength": float(keras.ops.convert_to_numpy(layers[0].alpha_strength)),
         "flops_per_epoch": [h["psp_flops"] for h in budget.history],
-        "final_strength": budget.strength,
         "warnings": sorted({str(w.message)[:200] for w in caught
                             if "FlopsBudget" in str(w.message)}),
         "relative_alpha": [float(v) for v in pooled],
         "threshold": threshold,  # the first layer's (FlopsBudget may lower it per layer)
         "thresholds": {layer.name: layer.threshold for layer in layers},
-        "locked_at": getattr(budget, "locked_at", None),
     }
     return row, model, small
 
