@@ -7,6 +7,7 @@ from keras_psp.callbacks import SeparationMonitor
 from keras_psp.cloning import strip, wrap
 from keras_psp.export import export
 from keras_psp.flops import count_flops, count_params
+from keras_psp.pruning import prune
 from keras_psp.ranking import prune_to
 from keras_psp.recalibration import recalibrate
 from keras_psp.report import plot_alphas, summary
@@ -15,4 +16,4 @@ from keras_psp.surgery.slim import slim
 from keras_psp.verify import verify
 from keras_psp.wrapper import PSP, keep_mask
 
-__all__ = ["FlopsBudget", "PSP", "STRUCTURES", "SeparationMonitor", "__version__", "count_flops", "count_params", "distributed", "export", "keep_mask", "plot_alphas", "prune_to", "recalibrate", "slim", "strip", "summary", "verify", "wrap"]
+__all__ = ["FlopsBudget", "PSP", "STRUCTURES", "SeparationMonitor", "__version__", "count_flops", "count_params", "distributed", "export", "keep_mask", "plot_alphas", "prune", "prune_to", "recalibrate", "slim", "strip", "summary", "verify", "wrap"]

@@ -10,14 +10,14 @@ from keras.src.utils import io_utils
 
 from keras_psp.cloning import psp_layers
 from keras_psp.flops import count_flops
-from keras_psp.ranking import prune_to, reachable
+from keras_psp.ranking import ALLOCATIONS, prune_to, reachable
 from keras_psp.recalibration import recalibrate
 from keras_psp.slim_cost import require_psp_layers as _require_psp_layers
 from keras_psp.surgery.cost import slim_flops
 
 #: The threshold `FlopsBudget` gives every PSP layer: only its own cuts (α set to
-#: exactly 0) and α that truly vanish remove structures, so it alone decides how many.
-BUDGET_THRESHOLD = 1e-6
+#: exactly 0) remove structures, so that it alone decides how many.
+BUDGET_THRESHOLD = 0.0
 
 
 def set_strength(model: keras.Model, strength: float) -> None:
@@ -59,14 +59,17 @@ class FlopsBudget(keras.callbacks.Callback):
     (`keras_psp.prune_to`: α relative to its layer, ranked over the whole
     model; a cut sets α and its optimizer slots to exactly 0, so it stays cut
     and nothing retraces). Cuts only add up; after `end`, the rest of the
-    training fine-tunes the final network. The fraction reached lands at or
-    just below `target` (by at most one structure's FLOPs), whatever the
-    number of epochs or the penalty's strength.
+    training fine-tunes the final network, with the α penalty switched off
+    (strength 0: it would only go on shrinking α of structures that stay).
+    The fraction reached lands at or just below `target` (by at most one
+    structure's FLOPs), whatever the number of epochs or the penalty's
+    strength.
 
-    While it runs, every PSP layer's threshold is `BUDGET_THRESHOLD` (1e-6),
-    so that α crossing the usual threshold do not cut structures behind its
-    back; the thresholds stay there after training, which keeps the cut set
-    that met the target.
+    While it runs, every PSP layer's threshold is `BUDGET_THRESHOLD` (0:
+    only α that are exactly 0 are cut), so that α crossing the usual
+    threshold (an L1-type penalty pins small α near 0 as the learning rate
+    decays) do not cut structures behind its back; the thresholds stay there
+    after training, which keeps the cut set that met the target.
 
     Progress is visible: with `verbose=1` one line per epoch (FLOPs, goal,
     structures cut, and the validation accuracy when there is one). A target
@@ -89,6 +92,8 @@ class FlopsBudget(keras.callbacks.Callback):
             (`begin`, 1].
         checks_per_epoch: Cut checks per epoch (the last at the epoch end);
             more than one needs a known number of steps per epoch.
+        allocation: How cuts spread over the layers (`keras_psp.prune_to`):
+            "uniform" (the same fraction of each layer) or "global".
         min_keep: Structures every PSP layer keeps at least.
         recalibrate: Training inputs (array, `(x, y)` tuple, `tf.data.Dataset`
             or iterable of batches) to re-estimate BN statistics on; None:
@@ -106,7 +111,8 @@ class FlopsBudget(keras.callbacks.Callback):
     """
 
     def __init__(self, target: float = 0.5, begin: float = 0.0, end: float = 0.5,
-                 checks_per_epoch: int = 4, min_keep: int = 1, recalibrate=None,
+                 checks_per_epoch: int = 4, allocation: str = "uniform", min_keep: int = 1,
+                 recalibrate=None,
                  recalibration_steps: int = 16, verbose: int = 1):
         super().__init__()
         for name, value, ok, what in (
@@ -122,7 +128,10 @@ class FlopsBudget(keras.callbacks.Callback):
             if not ok:
                 raise ValueError(f"FlopsBudget: `{name}` must be {what}, got {value!r}.")
         self.target, self.begin, self.end = float(target), float(begin), float(end)
-        self.checks_per_epoch, self.min_keep = checks_per_epoch, min_keep
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"FlopsBudget: `allocation` must be one of {ALLOCATIONS}, got "
+                             f"{allocation!r}.")
+        self.checks_per_epoch, self.min_keep, self.allocation = checks_per_epoch, min_keep, allocation
         self.recalibration_data, self.recalibration_steps = recalibrate, recalibration_steps
         self.verbose = verbose
         self.history, self.checks, self.fraction = [], [], None
@@ -161,7 +170,15 @@ class FlopsBudget(keras.callbacks.Callback):
         for layer in self._layers:
             layer.threshold = min(layer.threshold, BUDGET_THRESHOLD)
         self._total = slim_flops(self.model) / self._unpruned()
-        self.fraction, self._started = self._total, True
+        self.fraction, self._started, self._penalty = self._total, True, True
+
+    def _switch_off_penalty(self) -> None:
+        """After `end`: the cut set is final, and a penalty would only go on eroding the
+        kept structures (their α shrink although nothing more will be cut)."""
+        for layer in self._layers:
+            if layer.alpha_strength is not None:
+                layer.set_strength(0.0)
+        self._penalty = False
 
     def _unpruned(self) -> float:
         if not hasattr(self, "_unpruned_flops"):
@@ -176,9 +193,11 @@ class FlopsBudget(keras.callbacks.Callback):
             self._start()
         getattr(self.model, "jax_state_sync", lambda: None)()  # JAX: the trained α
         goal = self.goal(done)
-        before = self.fraction
-        if self.fraction is None or self.fraction > goal:
-            cut = prune_to(self.model, goal, min_keep=self.min_keep,
+        if done / ((self.params or {}).get("epochs") or 1) >= self.end - 1e-9 and self._penalty:
+            self._switch_off_penalty()
+        before = self.fraction = slim_flops(self.model) / self._unpruned()
+        if self.fraction > goal:
+            cut = prune_to(self.model, goal, allocation=self.allocation, min_keep=self.min_keep,
                            optimizer=getattr(self.model, "optimizer", None))
             self.fraction = cut.flops
             self._stale = self._stale or cut.count > 0
@@ -222,8 +241,8 @@ class FlopsBudget(keras.callbacks.Callback):
         if self.verbose:
             validation = "".join(f", {k} {v:.4f}" for k, v in logs.items()
                                  if k in ("val_accuracy", "val_loss"))
-            io_utils.print_msg(
-                f"FlopsBudget epoch {epoch + 1}/{self.params.get('epochs', '?')}: FLOPs "
+            io_utils.print_msg(  # a line of its own after the progress bar, as Keras's do
+                f"\nFlopsBudget epoch {epoch + 1}/{self.params.get('epochs', '?')}: FLOPs "
                 f"{self.fraction:.3f} (goal {self.goal(epoch + 1):.3f}, target {self.target:.3f}), "
                 f"{cut}/{total} structures cut{validation}")
 

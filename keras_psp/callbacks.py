@@ -183,7 +183,7 @@ class SeparationMonitor(keras.callbacks.Callback):
         if self.verbose:
             cut, total = sum(s.cut for s in self.layers), sum(s.total for s in self.layers)
             io_utils.print_msg(
-                f"PSP epoch {epoch + 1}: cut {cut}/{total} ({100 * record['psp_cut']:.1f}%), "
+                f"\nPSP epoch {epoch + 1}: cut {cut}/{total} ({100 * record['psp_cut']:.1f}%), "
                 f"separation {record['psp_separation']:.3f}, changed {record['psp_changed']}"
                 + (f", FLOPs {record['psp_flops']:.3f}, params {record['psp_params']:.3f}"
                    if "psp_flops" in record else "") + ("" if finite else ", NON-FINITE α"))
@@ -191,7 +191,7 @@ class SeparationMonitor(keras.callbacks.Callback):
                 and record["psp_separation"] >= self.min_separation):
             self.stopped_epoch, self.model.stop_training = epoch, True
             if self.verbose:
-                io_utils.print_msg(f"PSP: cut set unchanged for {self._wait} epoch(s) at "
+                io_utils.print_msg(f"\nPSP: cut set unchanged for {self._wait} epoch(s) at "
                                    f"separation {record['psp_separation']:.3f}; stopping.")
 
     def on_train_end(self, logs=None):

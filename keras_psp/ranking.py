@@ -1,12 +1,13 @@
 """`prune_to`: a one-shot cut from the current α, to a FLOPs target.
 
-Structures are ranked across the whole model by their α relative to their
-own layer (`scores`): |α| over the root mean square of the layer's kept |α|,
-so that layers whose α vectors differ in scale (a BatchNormalization lets
-the penalty shrink a whole layer) compare on the pattern alone. The lowest
-ones are cut, in that order, until the slimmed model's FLOPs reach the
-target; the number cut is found by bisection on `count_flops(slim(model))`,
-computed from surgery's channel plan without building any model.
+Structures are scored by the norm of their effective weights (α times the
+kernel entries it scales) relative to their own layer (`scores`), so that
+layers whose α vectors differ in scale (a BatchNormalization lets the
+penalty shrink a whole layer) compare on the pattern alone. The lowest ones
+are cut, spread over the layers as `allocation` says, until the slimmed
+model's FLOPs reach the target; the number cut is found by bisection on
+`count_flops(slim(model))`, computed from surgery's channel plan without
+building any model.
 
 A cut sets α to exactly 0 (and the optimizer's slots for it, so momentum
 cannot bring it back): the structure is then cut whatever the threshold, its
@@ -28,17 +29,30 @@ from keras_psp.surgery.cost import slim_flops
 def scores(layer) -> np.ndarray:
     """Importance of each structure of a PSP layer, comparable across layers.
 
-    |α| over the root mean square of the layer's kept |α| (cut structures
-    score 0); a layer-wise α (`structure="layer"`) scores its raw |α|, its
-    initial value being 1.
+    The norm of the structure's effective weights, |α| × ‖W‖ (α as the layer
+    computes with it, W the kernel entries it scales), over the root mean
+    square of the layer's kept scores; cut structures score 0. With α trained
+    under a penalty it is α that decides; on a freshly wrapped trained model
+    (every α 1) it is the weights' ℓ2 norm, the classic criterion. A
+    layer-wise α (`structure="layer"`) scores its raw |α|, its initial value
+    being 1.
     """
-    alpha = np.abs(np.ravel(keras.ops.convert_to_numpy(layer.alpha)).astype("float64"))
     kept = np.ravel(layer.mask())
-    alpha = np.where(kept, alpha, 0.0)
-    if layer.structure == "layer" or not kept.any():
-        return alpha
-    rms = np.sqrt(np.mean(alpha[kept] ** 2))
-    return alpha / rms if rms > 0 else alpha
+    alpha = np.abs(np.ravel(keras.ops.convert_to_numpy(layer.effective_alpha())))
+    if layer.structure == "layer":
+        return np.where(kept, np.abs(np.ravel(keras.ops.convert_to_numpy(layer.alpha))), 0.0)
+    kernel = np.asarray(keras.ops.convert_to_numpy(getattr(layer.layer, layer.plan.kernel)),
+                        "float64")
+    norms = np.sqrt(np.ravel(layer.plan.reduce(kernel**2)))
+    value = np.where(kept, alpha.astype("float64") * norms, 0.0)
+    if not kept.any():
+        return value
+    rms = np.sqrt(np.mean(value[kept] ** 2))
+    return value / rms if rms > 0 else value
+
+
+#: How `prune_to` spreads a cut over the layers.
+ALLOCATIONS = ("uniform", "global")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +101,14 @@ def zero_structures(layer, entries: np.ndarray, optimizer=None) -> None:
         variable.assign(value.reshape(tuple(variable.shape)).astype(variable.dtype))
 
 
-def _candidates(layers, min_keep: int):
-    """α of the layers (flat), and the structures that may be cut, lowest score
-    first: (α list, owning layer index, flat index into its α)."""
+def _candidates(layers, min_keep: int, allocation: str = "uniform"):
+    """α of the layers (flat), and the structures that may be cut, in cutting
+    order: (α list, owning layer index, flat index into its α).
+
+    "global" orders all structures by `scores`; "uniform" takes each layer's
+    structures lowest score first, interleaved so that every layer has lost
+    about the same fraction of its structures at any point of the order.
+    """
     alphas = [np.ravel(keras.ops.convert_to_numpy(layer.alpha)).astype("float32")
               for layer in layers]
     owner, index, order_key = [], [], []
@@ -100,7 +119,11 @@ def _candidates(layers, min_keep: int):
         candidates = ranked[: max(len(ranked) - min_keep, 0)]
         owner += [i] * len(candidates)
         index += list(candidates)
-        order_key += list(score[candidates])
+        if allocation == "global":
+            order_key += list(score[candidates])
+        else:  # the fraction of the layer cut once this one goes (cut ones counted)
+            done = score.size - len(ranked)
+            order_key += [(done + r + 1) / score.size for r in range(len(candidates))]
     order = np.argsort(np.asarray(order_key), kind="stable")
     return alphas, np.asarray(owner, int)[order], np.asarray(index, int)[order]
 
@@ -124,12 +147,12 @@ def reachable(model: keras.Model, min_keep: int = 1) -> float:
     return _fraction(model, layers, alphas, owner, index) / max(count_flops(model), 1)
 
 
-def prune_to(model: keras.Model, flops: float, min_keep: int = 1, optimizer=None,
-             verbose: int = 0) -> Cut:
+def prune_to(model: keras.Model, flops: float, allocation: str = "uniform", min_keep: int = 1,
+             optimizer=None, verbose: int = 0) -> Cut:
     """Cuts the lowest-ranked structures until the slim model has `flops` × the FLOPs.
 
-    Structures already cut stay cut; others are ranked by `scores` (lowest
-    first, ties broken by position) and cut in that order. The number cut is
+    Structures already cut stay cut; the others are ranked by `scores` and
+    cut in order (`allocation`; ties broken by position). The number cut is
     the smallest that brings `count_flops(slim(model))` to at most `flops`
     times `count_flops(model)`: the result lands at or just below the target,
     by at most the FLOPs of the last structure cut. Every layer keeps at
@@ -138,6 +161,11 @@ def prune_to(model: keras.Model, flops: float, min_keep: int = 1, optimizer=None
     Args:
         model: A model with PSP layers (not modified, except its α).
         flops: The FLOPs of the slim model over the unpruned model's, in (0, 1].
+        allocation: "uniform": every layer loses about the same fraction of
+            its structures, each its lowest-scored ones (measured best when
+            pruning a trained model in a few epochs; README, "How pruning
+            decides"); "global": the lowest scores of the whole model go
+            first, so layers lose what their α say they can.
         min_keep: Structures each PSP layer keeps at least.
         optimizer: Its slots (momentum) for the cut α are zeroed too; None:
             `model.optimizer` when the model is compiled.
@@ -165,6 +193,9 @@ def prune_to(model: keras.Model, flops: float, min_keep: int = 1, optimizer=None
                          f"model's FLOPs), got {flops!r}.")
     if not isinstance(min_keep, int) or min_keep < 1:
         raise ValueError(f"prune_to: `min_keep` must be an integer >= 1, got {min_keep!r}.")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"prune_to: `allocation` must be one of {ALLOCATIONS}, got "
+                         f"{allocation!r}.")
     layers = psp_layers(model)
     if not layers:
         raise ValueError(f"prune_to: model '{model.name}' has no PSP layers; wrap it first.")
@@ -173,7 +204,7 @@ def prune_to(model: keras.Model, flops: float, min_keep: int = 1, optimizer=None
     if optimizer is None:
         optimizer = getattr(model, "optimizer", None)
     total_flops = max(count_flops(model), 1)
-    alphas, owner, index = _candidates(layers, min_keep)
+    alphas, owner, index = _candidates(layers, min_keep, allocation)
 
     def fraction(k: int) -> float:
         return _fraction(model, layers, alphas, owner[:k], index[:k]) / total_flops

@@ -26,11 +26,14 @@ def _is_arrays(data) -> bool:
     return isinstance(data, np.ndarray) or keras.ops.is_tensor(data)
 
 
-def _batches(data, batch_size: int, steps: int | None):
+def _batches(data, batch_size: int, steps: int | None, inputs: int = 1):
     """Input batches of `data`: arrays (an `(x, y)` tuple: its x) are sliced;
     a `tf.data.Dataset` or other iterable gives its elements (`(x, y, ...)`
-    elements: their x)."""
-    if _is_arrays(data):
+    elements: their x). For a model with one input (`inputs`), a list is a
+    list of batches: it cannot be that model's inputs."""
+    if isinstance(data, list) and inputs == 1:
+        pass
+    elif _is_arrays(data):
         x = data[0] if isinstance(data, tuple) else data
         count = int(np.shape(keras.tree.flatten(x)[0])[0])
         starts = range(0, count, batch_size)
@@ -43,6 +46,14 @@ def _batches(data, batch_size: int, steps: int | None):
         if steps is not None and n >= steps:
             return
         yield element[0] if isinstance(element, tuple) else element
+
+
+def _input_count(model) -> int:
+    """How many inputs `model` takes (1 when it is not built yet)."""
+    try:
+        return len(model.inputs or [None])
+    except (AttributeError, ValueError):
+        return 1
 
 
 def batchnorm_layers(model: keras.Model) -> list:
@@ -65,9 +76,10 @@ def recalibrate(model: keras.Model, data, steps: int | None = None, batch_size: 
 
     Args:
         model: A Keras model (PSP-wrapped, stripped or slim).
-        data: Training inputs: an array (or a list/dict of arrays), an
-            `(x, y)` tuple of them, a `tf.data.Dataset` or an iterable of
-            batches (labels are ignored).
+        data: Training inputs: an array (a list or dict of arrays for a
+            model with several inputs), an `(x, y)` tuple of them, a
+            `tf.data.Dataset`, or an iterable of batches such as a list of
+            arrays for a one-input model (labels are ignored).
         steps: Largest number of batches to use; None: all of `data`.
         batch_size: Batch size when `data` is arrays (larger batches give
             the training-mode statistics more examples each).
@@ -101,7 +113,7 @@ def recalibrate(model: keras.Model, data, steps: int | None = None, batch_size: 
     try:
         for layer in layers:
             layer.momentum = 0.0  # the moving statistics become each batch's
-        for batch in _batches(data, batch_size, steps):
+        for batch in _batches(data, batch_size, steps, _input_count(model)):
             n = int(np.shape(keras.tree.flatten(batch)[0])[0])
             if n == 0:
                 continue

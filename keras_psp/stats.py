@@ -67,7 +67,10 @@ def separation(relative: np.ndarray, threshold: float) -> float:
     ```
     """
     values = np.log10(np.maximum(np.asarray(relative, "float64"), FLOOR))
-    kept = values >= np.log10(threshold)
+    if threshold > FLOOR:
+        kept = values >= np.log10(threshold)
+    else:  # only exact zeros are cut (FlopsBudget's threshold 0): they sit at the floor
+        kept = values > np.log10(FLOOR)
     if kept.all() or not kept.any():
         return 0.0
     total = np.sum((values - values.mean()) ** 2)

@@ -22,6 +22,7 @@ import dataclasses
 from collections.abc import Callable
 
 import keras
+import numpy as np
 from keras import ops
 
 STRUCTURES = ("channel", "filter", "column", "shape", "layer")
@@ -36,11 +37,15 @@ class Plan:
         shape: Shape of α: one entry per structure.
         expand: Maps α (of `shape`) to a tensor that broadcasts against the
             kernel, so that `kernel * expand(alpha)` is the effective kernel.
+        reduce: The adjoint of `expand`, in numpy: sums a kernel-shaped array
+            over each structure's entries, giving an array of `shape` (e.g.
+            the squared norm of each structure's weights).
     """
 
     kernel: str
     shape: tuple[int, ...]
     expand: Callable
+    reduce: Callable
 
 
 def axis_plan(kernel: str, kernel_shape, axes, flat: bool = False) -> Plan:
@@ -62,7 +67,12 @@ def axis_plan(kernel: str, kernel_shape, axes, flat: bool = False) -> Plan:
     else:
         shape = dims
     target = tuple(d if i in axes else 1 for i, d in enumerate(kernel_shape))
-    return Plan(kernel, shape, lambda a: ops.reshape(a, target))
+    others = tuple(i for i in range(len(kernel_shape)) if i not in axes)
+
+    def reduce(values):
+        return np.reshape(np.sum(values, axis=others), shape)
+
+    return Plan(kernel, shape, lambda a: ops.reshape(a, target), reduce)
 
 
 def _prod(values) -> int:
@@ -165,7 +175,12 @@ def _grouped_plan(layer, structure) -> Plan:
         a = ops.repeat(ops.transpose(a, perm), opg, axis=-1)
         return ops.reshape(a, (positions or (1,) * rank) + (ipg, filters))
 
-    return Plan("kernel", positions + (ipg * groups,), expand)
+    def reduce(values):  # (*k, ipg, filters) -> positions + (groups * ipg,)
+        v = np.sum(np.reshape(values, shape[:rank] + (ipg, groups, opg)), axis=-1)
+        v = np.swapaxes(v, -1, -2).reshape(shape[:rank] + (groups * ipg,))
+        return v if positions else np.sum(v, axis=tuple(range(rank)))
+
+    return Plan("kernel", positions + (ipg * groups,), expand, reduce)
 
 
 class ConvTransposeHandler(LayerHandler):

@@ -6,12 +6,13 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_psp.penalties import DEFAULT_PENALTY
 from keras_psp.penalties import DEFAULT_STRENGTH as DEFAULT_STRENGTHS
 from keras_psp.penalties import VariableStrength, get_penalty, is_relative, strength_attribute
 from keras_psp.structures import STRUCTURES, get_handler, supported_layer_types
 
-#: Default strength of the α penalty (the same for "l2", "l1" and "relative_l1").
-DEFAULT_STRENGTH = DEFAULT_STRENGTHS["l2"]
+#: Default strength of the default α penalty ("relative_l1").
+DEFAULT_STRENGTH = DEFAULT_STRENGTHS[DEFAULT_PENALTY]
 #: Default pruning threshold, relative to the layer's largest |α|.
 DEFAULT_THRESHOLD = 1e-2
 
@@ -30,7 +31,7 @@ def keep_mask(alpha, threshold: float, structure: str):
 
     Args:
         alpha: α values (any shape).
-        threshold: Relative threshold in (0, 1).
+        threshold: Relative threshold in [0, 1); 0 cuts only α that are exactly 0.
         structure: The structure name.
     """
     magnitude = ops.abs(ops.cast(alpha, "float32"))
@@ -61,14 +62,16 @@ class PSP(keras.layers.Wrapper):
             `DepthwiseConv1D/2D`, `SeparableConv1D/2D` or `Dense`.
         structure: `"channel"`, `"filter"`, `"column"`, `"shape"` or `"layer"`.
         threshold: Relative pruning threshold (see `keep_mask`).
-        regularizer: The penalty on α: `"l2"` (weight decay, the paper's
-            method), `"l1"`, `"relative_l1"` (L1 of α relative to its RMS over
-            the layer's kept structures, with the layer computing with that
-            relative α: a uniform scale of α means nothing, so BN cannot
-            cancel it; see `keras_psp.penalties`), any Keras regularizer
-            (object, name or config), or None.
-        strength: Strength of the `"l2"`/`"l1"`/`"relative_l1"` penalty.
-            Defaults to `DEFAULT_STRENGTH`.
+        regularizer: The penalty on α: `"relative_l1"` (the default: L1 of α
+            relative to its RMS over the layer's kept structures, with the
+            layer computing with that relative α, so that a uniform scale of
+            α means nothing and BN cannot cancel it; see
+            `keras_psp.penalties`), `"l2"` (weight decay on the raw α, the
+            paper's method), `"l1"`, any Keras regularizer (object, name or
+            config), or None.
+        strength: Strength of the `"relative_l1"`/`"l2"`/`"l1"` penalty.
+            Defaults to `keras_psp.penalties.DEFAULT_STRENGTH` (5e-3 for
+            "relative_l1", 2e-2 for "l2" and "l1").
         **kwargs: Base layer arguments (`name`, `dtype`...). The name defaults
             to the wrapped layer's name.
 
@@ -87,7 +90,7 @@ class PSP(keras.layers.Wrapper):
         layer: keras.layers.Layer,
         structure: str = "channel",
         threshold: float = DEFAULT_THRESHOLD,
-        regularizer="l2",
+        regularizer=DEFAULT_PENALTY,
         strength: float | None = None,
         **kwargs,
     ):
@@ -122,9 +125,9 @@ class PSP(keras.layers.Wrapper):
                 f"Layer '{name}' uses LoRA or quantization, which PSP does not "
                 "support. Wrap the layer before enabling LoRA or quantizing."
             )
-        if not 0.0 < float(threshold) < 1.0:
+        if not 0.0 <= float(threshold) < 1.0:
             raise ValueError(
-                f"`threshold` must be in (0, 1), got {threshold} for layer '{name}'."
+                f"`threshold` must be in [0, 1), got {threshold} for layer '{name}'."
             )
         kwargs.setdefault("name", layer.name)
         kwargs.setdefault("dtype", layer.dtype_policy)

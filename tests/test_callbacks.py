@@ -19,8 +19,9 @@ from keras_psp.stats import separation
 FIGURES = ("psp_cut", "psp_separation", "psp_changed", "psp_flops", "psp_params")
 
 
-def _model(batchnorm=True, strength=None, lr=0.05, jit_compile="auto"):
-    model = wrap(small_cnn(batchnorm=batchnorm), strength=strength)
+def _model(batchnorm=True, strength=None, lr=0.05, jit_compile="auto", regularizer=None):
+    kwargs = {} if regularizer is None else {"regularizer": regularizer}
+    model = wrap(small_cnn(batchnorm=batchnorm), strength=strength, **kwargs)
     model.compile(keras.optimizers.SGD(lr, momentum=0.9), "sparse_categorical_crossentropy",
                   jit_compile=jit_compile)
     return model
@@ -241,7 +242,8 @@ def test_verbose_line(capsys, rng):
 def test_strength_change_applies_without_a_new_trace(jit_compile, digits):
     """The strength is a variable read by the traced step, not a baked-in float."""
     (x, y), _ = digits
-    model = _model(strength=1e-2, lr=0.0, jit_compile=jit_compile)  # lr 0: nothing moves
+    model = _model(strength=1e-2, lr=0.0, jit_compile=jit_compile,  # lr 0: nothing moves
+                   regularizer="l2")  # its loss is strength × Σα²
     for layer in psp_layers(model):
         layer.alpha.assign(np.full(layer.alpha.shape, 10.0, "float32"))
     sum_sq = sum(float(np.sum(np.square(keras.ops.convert_to_numpy(p.alpha))))
@@ -260,15 +262,17 @@ def test_strength_change_applies_without_a_new_trace(jit_compile, digits):
         set_strength(model, -1.0)
 
 
-def test_strength_is_saved_with_the_model(tmp_path):
-    model = wrap(small_cnn(), strength=1e-2)
+@pytest.mark.parametrize("regularizer", ["l2", "relative_l1"])
+def test_strength_is_saved_with_the_model(tmp_path, regularizer):
+    model = wrap(small_cnn(), strength=1e-2, regularizer=regularizer)
     set_strength(model, 4e-2)
     path = str(tmp_path / "m.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)
     for layer in psp_layers(loaded):
         assert float(keras.ops.convert_to_numpy(layer.alpha_strength)) == pytest.approx(4e-2)
-        assert layer.alpha_regularizer.l2 == pytest.approx(4e-2)
+        assert layer.get_config()["regularizer"]["config"][
+            "l2" if regularizer == "l2" else "strength"] == pytest.approx(4e-2)
 
 
 def test_budget_argument_errors():
@@ -303,7 +307,7 @@ def test_budget_cuts_down_to_the_schedule_at_each_check(rng):
     budget.set_model(model)
     budget.set_params({"epochs": 4, "steps": 8})
     budget.on_train_begin()
-    assert all(p.threshold == pytest.approx(1e-6) for p in psp_layers(model))
+    assert all(p.threshold == 0.0 for p in psp_layers(model))  # only its own cuts
     assert budget._check_at == [2, 4, 6]
     conv1 = model.get_layer("conv1")
     conv1.alpha.assign(np.linspace(0.1, 1.0, 8).astype("float32"))  # a clear ranking

@@ -40,20 +40,44 @@ def test_prune_to_lands_within_tolerance(build):
         assert np.all(alpha[entries] == 0)
 
 
-def test_prune_to_cuts_the_lowest_relative_alpha_first():
+def _equal_norm_kernels(model):
+    """Every structure's weights of equal norm, so that the scores follow α."""
+    for layer in psp_layers(model):
+        kernel = layer.layer.kernel
+        kernel.assign(np.ones(kernel.shape, "float32"))
+
+
+def test_scores_are_effective_weight_norms_relative_to_the_layer(rng):
     model = wrap(small_cnn())
+    conv1 = model.get_layer("conv1")
+    alpha = rng.uniform(0.1, 1.0, 8).astype("float32")
+    conv1.alpha.assign(alpha * 1e-3)  # the scale of α means nothing
+    kernel = keras.ops.convert_to_numpy(conv1.layer.kernel)
+    expected = alpha * np.sqrt((kernel**2).sum(axis=(0, 1, 3)))  # (3, 3, in, out): per input
+    np.testing.assert_allclose(scores(conv1), expected / np.sqrt(np.mean(expected**2)), rtol=1e-5)
+    conv1.alpha.assign(np.where(np.arange(8) < 3, 0.0, alpha).astype("float32"))
+    assert np.all(scores(conv1)[:3] == 0)  # cut: 0, and the rest relative to the kept ones
+    assert np.sqrt(np.mean(scores(conv1)[3:] ** 2)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_prune_to_cuts_in_score_order(allocation):
+    model = wrap(small_cnn())
+    _equal_norm_kernels(model)
     conv1, head = model.get_layer("conv1"), model.get_layer("head")
-    conv1.alpha.assign(np.linspace(0.1, 0.8, 8).astype("float32") * 1e-3)  # scale: irrelevant
+    conv1.alpha.assign(np.linspace(0.1, 0.8, 8).astype("float32"))
     head.alpha.assign(np.linspace(0.9, 1.0, 16).astype("float32"))
-    relative = scores(conv1)
-    np.testing.assert_allclose(relative, np.linspace(0.1, 0.8, 8) / np.sqrt(
-        np.mean(np.linspace(0.1, 0.8, 8) ** 2)), rtol=1e-5)
-    cut = prune_to(model, flops=0.6)
-    assert list(cut.cut) == ["conv1"]  # conv1: 0.2, 0.4, ... relative; head: 0.95 or more
-    np.testing.assert_array_equal(cut.cut["conv1"], np.arange(len(cut.cut["conv1"])))
-    again = prune_to(model, flops=0.9)  # above what is left: nothing more
+    cut = prune_to(model, flops=0.6, allocation=allocation)
+    for name, entries in cut.cut.items():  # each layer loses its lowest first
+        np.testing.assert_array_equal(entries, np.arange(len(entries)))
+    if allocation == "global":
+        assert list(cut.cut) == ["conv1"]  # conv1: 0.2, 0.4, ... relative; head: 0.95 or more
+    else:
+        lost = [len(cut.cut.get(name, [])) / size for name, size in (("conv1", 8), ("head", 16))]
+        assert lost[1] > 0 and abs(lost[0] - lost[1]) <= 1 / 8  # the same share, ± one
+    again = prune_to(model, flops=0.9, allocation=allocation)  # above what is left: nothing
     assert again.count == 0 and again.flops == pytest.approx(cut.flops)
-    assert np.sum(~conv1.mask()) == len(cut.cut["conv1"])  # cuts stay
+    assert np.sum(~conv1.mask()) == len(cut.cut.get("conv1", []))  # cuts stay
 
 
 def test_prune_to_zeroes_the_optimizer_slots(rng):

@@ -96,6 +96,8 @@ def test_effective_kernel_scales_each_structure_by_its_alpha(case, structure, rn
             np.testing.assert_array_equal(value, kernel)
             continue
         kept = alpha * wrapped.mask()
+        if wrapped.relative:  # the default penalty: α relative to the RMS of the kept α
+            kept = kept / np.sqrt(np.sum(kept**2) / wrapped.mask().sum())
         scale = kept[_owner(wrapped.layer, structure, name, kernel.shape)]
         np.testing.assert_allclose(value, kernel * scale, rtol=1e-6, atol=0)
 
@@ -156,3 +158,25 @@ def test_channels_first_convolution(rng):
         wrapped.layer.set_weights(plain.get_weights())
         x = rng.normal(size=(2, 4, 7, 7)).astype("float32")
         np.testing.assert_allclose(to_numpy(wrapped(x)), to_numpy(plain(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("case,structure", PAIRS)
+def test_reduce_is_the_adjoint_of_expand(case, structure, rng):
+    """`plan.reduce` sums kernel entries per structure: Σ V·expand(α) = Σ reduce(V)·α
+    for every V and α (what `keras_psp.ranking.scores` relies on for ‖W‖ per structure)."""
+    _, wrapped, _ = _wrapped(case, structure, rng)
+    plan = wrapped.plan
+    kernel_shape = tuple(getattr(wrapped.layer, plan.kernel).shape)
+    values = rng.normal(size=kernel_shape)
+    alpha = rng.normal(size=plan.shape).astype("float32")
+    expanded = np.broadcast_to(to_numpy(plan.expand(alpha)), kernel_shape)
+    reduced = plan.reduce(values)
+    assert reduced.shape == tuple(plan.shape)
+    np.testing.assert_allclose(np.sum(values * expanded), np.sum(reduced * alpha), rtol=1e-5)
+    # and with the owner spec: each structure's sum is over exactly its entries
+    owner = _owner(wrapped.layer, structure, plan.kernel, kernel_shape)
+    for index in list(np.ndindex(*plan.shape))[:3]:
+        mine = np.ones(kernel_shape, bool)
+        for axis_owner, i in zip(owner, index, strict=True):
+            mine &= np.broadcast_to(axis_owner, kernel_shape) == i
+        np.testing.assert_allclose(reduced[index], values[mine].sum(), rtol=1e-6, atol=1e-9)

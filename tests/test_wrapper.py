@@ -29,12 +29,19 @@ def test_layer_structure_threshold_is_relative_to_the_initial_alpha():
     assert not _mask([0.0], "channel").any()
 
 
+def test_zero_threshold_cuts_only_exact_zeros():
+    np.testing.assert_array_equal(_mask([1.0, 1e-9, 0.0, -1e-12], threshold=0.0), [1, 1, 0, 1])
+    np.testing.assert_array_equal(_mask([0.0], "layer", threshold=0.0), [0])
+    assert PSP(L.Dense(3), threshold=0.0).threshold == 0.0
+
+
 @pytest.mark.parametrize("batchnorm", [True, False], ids=["with_bn", "without_bn"])
 def test_threshold_means_the_same_with_and_without_batchnorm(batchnorm, rng):
     """A uniform shrink of α (which weight decay causes freely when BN follows)
     cuts nothing more, though every |α| falls below an absolute 1e-2; with BN
     (tiny epsilon, so that BN's cancellation is exact) the output is unchanged."""
-    model = wrap(small_cnn(batchnorm=batchnorm, bn_epsilon=1e-9), layers=["conv1"])
+    model = wrap(small_cnn(batchnorm=batchnorm, bn_epsilon=1e-9), layers=["conv1"],
+                 regularizer="l2")  # raw α (the paper's): the layer computes with α as it is
     layer = model.get_layer("conv1")
     pattern = rng.uniform(0.2, 0.9, size=layer.alpha.shape).astype("float32")
     pattern[:3] = [0.001, 0.004, 0.0]  # three clearly unimportant channels
@@ -80,14 +87,15 @@ def _loss_of(layer):
 @pytest.mark.parametrize(
     "kwargs,expected",
     [
-        ({}, lambda a: 2e-2 * np.sum(a**2)),
-        ({"strength": 0.5}, lambda a: 0.5 * np.sum(a**2)),
+        ({}, lambda a: 5e-3 * np.sum(np.abs(a)) / np.sqrt(np.mean(a**2))),
+        ({"regularizer": "l2"}, lambda a: 2e-2 * np.sum(a**2)),
+        ({"regularizer": "l2", "strength": 0.5}, lambda a: 0.5 * np.sum(a**2)),
         ({"regularizer": "l1", "strength": 0.1}, lambda a: 0.1 * np.sum(np.abs(a))),
         ({"regularizer": keras.regularizers.L1L2(0.1, 0.2)},
          lambda a: 0.1 * np.sum(np.abs(a)) + 0.2 * np.sum(a**2)),
         ({"regularizer": None}, lambda a: 0.0),
     ],
-    ids=["default_l2", "l2", "l1", "keras_object", "none"],
+    ids=["default_relative_l1", "default_l2", "l2", "l1", "keras_object", "none"],
 )
 def test_alpha_regularizer(kwargs, expected, rng):
     layer = PSP(L.Dense(3, kernel_regularizer=None), **kwargs)
@@ -160,7 +168,7 @@ def test_double_wrapping_is_refused():
         PSP(PSP(L.Conv2D(3, 3, name="c")))
 
 
-@pytest.mark.parametrize("threshold", [0.0, 1.0, -0.1])
+@pytest.mark.parametrize("threshold", [1.0, -0.1, float("nan")])
 def test_threshold_outside_unit_interval_is_refused(threshold):
     with pytest.raises(ValueError, match="threshold"):
         PSP(L.Dense(3), threshold=threshold)
