@@ -6,9 +6,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_psp.penalties import DEFAULT_PENALTY
+from keras_psp.penalties import (
+    DEFAULT_PENALTY,
+    VariableStrength,
+    get_penalty,
+    is_relative,
+    strength_attribute,
+)
 from keras_psp.penalties import DEFAULT_STRENGTH as DEFAULT_STRENGTHS
-from keras_psp.penalties import VariableStrength, get_penalty, is_relative, strength_attribute
 from keras_psp.structures import STRUCTURES, get_handler, supported_layer_types
 
 #: Default strength of the default α penalty ("relative_l1").
