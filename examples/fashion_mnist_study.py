@@ -1,35 +1,31 @@
 """PSP against ℓ1-norm, network slimming and tfmot on Fashion-MNIST, on a CPU.
 
-The main job's ResNet-8 (16-32-64, stride-2 stem) on a subset of
-Fashion-MNIST, side by side at matched FLOPs reductions (0.5 and 0.3 of the
-unpruned FLOPs by default):
+The main job's ResNet-8 (16-32-64, stride-2 stem) on 30 000 Fashion-MNIST
+training images, side by side at matched FLOPs (0.5 and 0.3 of the unpruned
+model's) and equal training budgets: N training epochs, then k more.
 
-- the unpruned baseline (`--seeds` seeds);
-- PSP with weight decay on α, `channel` (`--seeds` seeds), `column` and
-  `layer` structures, and PSP with L1 on α (`channel`): trained from the
-  baseline's initialisation with `keras_psp.FlopsBudget(target)`, slimmed,
-  no fine-tuning;
-- the ℓ1-norm filter criterion (Li et al. 2017) and BN-scale network
-  slimming (Liu et al. 2017), pruned by keras_psp's surgery to the FLOPs
-  closest to the target, then fine-tuned;
-- tensorflow-model-optimization magnitude pruning at 50 % and 2:4
-  structured sparsity, fine-tuned, in tf_keras in its own process.
+- **unpruned**: N epochs, then k epochs of fine-tuning (`--seeds` seeds).
+- **from the trained model** (every method starts from the seed's trained
+  unpruned model and gets the same k epochs): `keras_psp.prune` with the
+  default penalty (`relative_l1`), the paper's L2 and L1 on α, each with
+  `channel` and `column` structures; the ℓ1-norm filter criterion (Li et
+  al. 2017) + fine-tuning; tensorflow-model-optimization magnitude pruning at
+  50 % and 2:4, fine-tuned (tf_keras, its own process).
+- **from scratch** (N + k epochs in all): PSP with `FlopsBudget`, default and
+  L2 penalties, `channel`; BN-scale network slimming (Liu et al. 2017), N
+  epochs with L1 on γ, pruned, k epochs of fine-tuning.
 
-Every final model is converted to a float32 LiteRT file and timed at batch 1
-in one interleaved loop. Writes results.json, accuracy_vs_flops.png,
-alpha_hist_wd_vs_l1.png and the .tflite files to --out, and RESULTS.md to
+The unpruned model, the default PSP rows and the two baselines (ℓ1-norm,
+BN-slimming) run `--seeds` seeds at the first target; the other rows and the
+second target one seed. Every final model (seed 0) is converted to a
+float32 LiteRT file and timed at batch 1 in one interleaved loop. Writes
+results.json, accuracy_vs_flops.png, accuracy_vs_latency.png,
+alpha_histograms.png and the .tflite files to --out, and RESULTS.md to
 --results.
 
-Sized for a 2-core CPU: the first 10 000 training images (all 10 000 test
-images), batch 64, 10 training epochs and 3 fine-tuning epochs, 3 seeds for
-the baseline and PSP `channel`, 1 for the rest: 16 trainings and 6
-fine-tunings of the 2.55-MFLOP ResNet-8. Measured: 26.3 minutes on the
-2-core machine (load average 1.5; RESULTS.md). At batch 128 (79 steps an
-epoch) FlopsBudget did not reach 0.5× FLOPs in 10 epochs.
-
-    python examples/fashion_mnist_study.py                   # the study
+    python examples/fashion_mnist_study.py                   # the study (about an hour)
     python examples/fashion_mnist_study.py --quick           # smoke run, a few minutes
-    python examples/fashion_mnist_study.py --methods baseline,psp_channel,l1norm --targets 0.5
+    python examples/fashion_mnist_study.py --methods baseline,trained_default_channel,l1norm
 """
 
 from __future__ import annotations
@@ -63,10 +59,14 @@ from study.common import (  # noqa: E402
 )
 from study.markdown import results_markdown  # noqa: E402
 
-import keras_psp  # noqa: E402
-
-METHODS = ("baseline", "psp_channel", "psp_column", "psp_layer", "psp_l1", "l1norm", "bnslim",
-           "tfmot")
+METHODS = ("baseline", *psp_runs.VARIANTS, "l1norm", "bnslim", "tfmot")
+#: The rows of a default run.
+DEFAULT_METHODS = ("baseline", "trained_default_channel", "trained_default_column",
+                   "trained_l2_channel", "trained_l2_column", "trained_l1_channel",
+                   "trained_l1_column", "scratch_default_channel", "scratch_l2_channel",
+                   "l1norm", "bnslim", "tfmot")
+#: Rows with `--seeds` seeds at the first target, and the only rows at the others.
+SEEDED = ("baseline", "trained_default_channel", "scratch_default_channel", "l1norm", "bnslim")
 QUICK = {"train_limit": 384, "test_limit": 500, "epochs": 1, "finetune_epochs": 1, "seeds": 1,
          "rounds": 5}
 FULL = {"train_limit": Config.train_limit, "test_limit": None, "epochs": Config.epochs,
@@ -80,30 +80,24 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default runs/fashion_mnist_study)")
     p.add_argument("--results", default=None,
                    help="RESULTS.md path (default RESULTS.md; with --quick, OUT/RESULTS.md)")
-    p.add_argument("--methods", default=",".join(METHODS),
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma list of {', '.join(METHODS)} (the baseline always runs)")
     p.add_argument("--targets", default="0.5,0.3", help="FLOPs fractions to match")
     p.add_argument("--train-limit", type=int, default=None,
                    help=f"first N training images; 0: all 60000 (default {FULL['train_limit']})")
     p.add_argument("--test-limit", type=int, default=None, help="first N test images (default all)")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"training epochs, baseline and PSP (default {FULL['epochs']})")
+                   help=f"N: training epochs of the unpruned model and BN-slimming "
+                        f"(default {FULL['epochs']})")
     p.add_argument("--finetune-epochs", type=int, default=None,
-                   help=f"fine-tuning epochs of ℓ1-norm, BN-slim, tfmot "
-                        f"(default {FULL['finetune_epochs']})")
+                   help=f"k: epochs every method gets after the N (fine-tuning, or PSP's "
+                        f"pruning of the trained model; default {FULL['finetune_epochs']})")
     p.add_argument("--seeds", type=int, default=None,
-                   help=f"seeds of the baseline and PSP channel (default {FULL['seeds']})")
-    p.add_argument("--other-seeds", type=int, default=1, help="seeds of the other PSP rows")
+                   help=f"seeds of {', '.join(SEEDED)} at the first target "
+                        f"(default {FULL['seeds']})")
     p.add_argument("--batch-size", type=int, default=Config.batch_size)
-    p.add_argument("--strength", type=float, default=Config.strength,
-                   help="initial α strength of PSP, L2 and L1 (FlopsBudget adapts it; "
-                        "default keras_psp's 2e-2)")
-    p.add_argument("--max-strength-factor", type=float, default=Config.max_strength_factor,
-                   help="FlopsBudget max_strength = this × the initial strength "
-                        "(default FlopsBudget's own)")
-    p.add_argument("--match-tolerance", type=float, default=Config.match_tolerance,
-                   help="PSP: move the threshold after training if FlopsBudget ends further "
-                        "than this from the target")
+    p.add_argument("--finetune-lr", type=float, default=Config.finetune_lr,
+                   help="peak learning rate of the k epochs, every method")
     p.add_argument("--bn-l1", type=float, default=None,
                    help="network slimming's L1 on γ (default: scaled to the run's length)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved LiteRT rounds")
@@ -116,8 +110,8 @@ def parse_args(argv=None):
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
-    if args.seeds < 1 or args.other_seeds < 1:
-        p.error("--seeds and --other-seeds must be at least 1")
+    if args.seeds < 1:
+        p.error("--seeds must be at least 1")
     args.targets = [float(t) for t in args.targets.split(",")]
     args.out = args.out or "runs/fashion_mnist_study"
     args.results = args.results or (os.path.join(args.out, "RESULTS.md") if args.quick
@@ -150,6 +144,12 @@ def run_tfmot(base: keras.Model, data, config: Config, out: str) -> dict:
         return json.load(f)
 
 
+def seeds_for(method: str, target, args) -> int:
+    """`--seeds` for the SEEDED rows at the first target, else 1."""
+    first = target is None or target == args.targets[0]
+    return args.seeds if method in SEEDED and first else 1
+
+
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -159,15 +159,14 @@ def main(argv=None) -> dict:
     started, load_start = time.perf_counter(), os.getloadavg()
     config = Config(train_limit=args.train_limit or None, test_limit=args.test_limit,
                     epochs=args.epochs, finetune_epochs=args.finetune_epochs,
-                    batch_size=args.batch_size, strength=args.strength,
-                    max_strength_factor=args.max_strength_factor, bn_l1=args.bn_l1,
-                    match_tolerance=args.match_tolerance,
-                    verbose=args.verbose)
+                    batch_size=args.batch_size, finetune_lr=args.finetune_lr,
+                    bn_l1=args.bn_l1, verbose=args.verbose)
     data = load_data(config)
     models_dir = os.path.join(args.out, "tflite")
     os.makedirs(models_dir, exist_ok=True)
-    log(f"{len(data.x_train)} training / {len(data.x_test)} test images, {config.epochs} epochs, "
-        f"methods {', '.join(args.methods)}, targets {args.targets}")
+    log(f"{len(data.x_train)} training / {len(data.x_test)} test images, N={config.epochs} + "
+        f"k={config.finetune_epochs} epochs, methods {', '.join(args.methods)}, targets "
+        f"{args.targets}")
     rows, tflite, extras = [], {}, {}
 
     def add(row, model, seed_index):
@@ -188,67 +187,68 @@ def main(argv=None) -> dict:
             log(f"FAILED {what}: {error}")
             return None
 
-    base0, reference = None, None
-    for seed in range(args.seeds):
+    trained, reference = {}, None
+    for seed in range(max(seeds_for("baseline", None, args),
+                          *(seeds_for(m, args.targets[0], args) for m in args.methods))):
         model = build_resnet(config, seed)
         compile_sgd(model, config, data, config.lr, config.epochs)
         seconds = fit(model, config, data, config.epochs, seed)
-        if base0 is None:
-            base0, reference = model, costs(model)
-        add({"method": "baseline", "target": None, "seed": seed, "accuracy": accuracy(model, data),
-             "train_seconds": seconds, **costs(model)}, model, seed)
-
-    def deploy_variants(model, target):
-        """The same pruned network, slimmed for CPU runtimes (README: "Does slimming pay?")."""
-        for options in ({"gather": False}, {"gather": False, "multiple_of": 8}):
-            key = f"psp_channel@{target:g} " + ", ".join(f"{k}={v}" for k, v in options.items())
-            small = keras_psp.slim(model, **options)
-            tflite[key] = tflite_bytes(small)
-            extras.setdefault("deploy_variants", {})[key] = {
-                "target": target, "options": options,
-                "flops_fraction": keras_psp.count_flops(small) / reference["flops"],
-                "params": small.count_params()}
+        trained[seed] = model
+        reference = reference or costs(model)
+        log(f"trained seed {seed}: {accuracy(model, data):.2f} % after N={config.epochs} epochs")
+        if seed < seeds_for("baseline", None, args):
+            tuned = keras.models.clone_model(model)
+            tuned.set_weights(model.get_weights())
+            before = accuracy(model, data)
+            seconds += baselines.finetune(tuned, config, data, seed)
+            add({"method": "baseline", "target": None, "seed": seed,
+                 "accuracy": accuracy(tuned, data), "accuracy_before_finetune": before,
+                 "train_seconds": seconds, **costs(tuned)}, tuned, seed)
 
     histograms = {}
     for variant in psp_runs.VARIANTS:
         if variant not in args.methods:
             continue
-        seeds = args.seeds if variant == "psp_channel" else args.other_seeds
         for target in args.targets:
-            for seed in range(seeds):
+            if target != args.targets[0] and variant not in SEEDED:
+                continue
+            for seed in range(seeds_for(variant, target, args)):
                 def one(variant=variant, target=target, seed=seed):
-                    row, model, small = psp_runs.train_psp(config, data, seed, variant, target)
+                    row, small = psp_runs.run(config, data, trained[seed], seed, variant,
+                                              target)
                     add(row, small, seed)
-                    if seed == 0 and variant == "psp_channel":
-                        deploy_variants(model, target)
-                    if seed == 0 and variant in ("psp_channel", "psp_l1"):
-                        histograms.setdefault(variant, (target, row["relative_alpha"],
-                                                        row["cut_fraction"], row["separation"]))
+                    if seed == 0 and target == args.targets[0] and row["structure"] == "channel":
+                        histograms[variant] = row
                 attempt({"method": variant, "target": target, "seed": seed}, one)
 
     pruned = []
     if "l1norm" in args.methods:
-        pruned.append(("l1norm", base0, baselines.l1norm_scores(base0), "uniform"))
+        for seed in range(seeds_for("l1norm", args.targets[0], args)):
+            pruned.append(("l1norm", seed, trained[seed],
+                           baselines.l1norm_scores(trained[seed]), "uniform"))
     if "bnslim" in args.methods:
-        trained = attempt({"method": "bnslim", "target": None, "seed": 0},
-                          lambda: baselines.train_bn_slimming(config, data, 0))
-        if trained:
-            extras["bnslim"] = trained[1]
-            pruned.append(("bnslim", trained[0], baselines.gamma_scores(trained[0]), "global"))
-    for method, plain, scores, rule in pruned:
+        for seed in range(seeds_for("bnslim", args.targets[0], args)):
+            result = attempt({"method": "bnslim", "target": None, "seed": seed},
+                             lambda seed=seed: baselines.train_bn_slimming(config, data, seed))
+            if result:
+                extras.setdefault("bnslim", []).append(result[1])
+                pruned.append(("bnslim", seed, result[0], baselines.gamma_scores(result[0]),
+                               "global"))
+    for method, seed, plain, scores, rule in pruned:
         for target in args.targets:
-            def one(method=method, plain=plain, scores=scores, rule=rule, target=target):
+            if seed >= seeds_for(method, target, args):
+                continue
+            def one(method=method, seed=seed, plain=plain, scores=scores, rule=rule,
+                    target=target):
                 row, small = baselines.pruned_row(method, plain, scores, rule, target, config,
-                                                  data, 0)
-                add(row, small, 0)
-            attempt({"method": method, "target": target, "seed": 0}, one)
+                                                  data, seed)
+                add(row, small, seed)
+            attempt({"method": method, "target": target, "seed": seed}, one)
 
     if "tfmot" in args.methods:
         def tfmot_rows():
-            result = run_tfmot(base0, data, config, models_dir)
+            result = run_tfmot(trained[0], data, config, models_dir)
             extras["tfmot_dense"] = result.pop("dense")
-            with open(os.path.join(models_dir, "tfmot_dense.tflite"), "rb") as f:
-                tflite["tfmot_dense"] = f.read()
             for name, row in result.items():
                 with open(os.path.join(models_dir, f"{name}.tflite"), "rb") as f:
                     tflite[name] = f.read()
@@ -263,15 +263,17 @@ def main(argv=None) -> dict:
                   for k, c in tflite.items()}
     table = report.aggregate(rows, reference, latency)
     os.makedirs(args.out, exist_ok=True)
-    figures = {"accuracy_vs_flops": report.plot_accuracy_vs_flops(
-        table, os.path.join(args.out, "accuracy_vs_flops.png"))}
-    names = {"psp_channel": "weight decay (L2)", "psp_l1": "L1"}
-    panels = [(f"{names[v]} on α, channel, target {histograms[v][0]:g}",
-               np.asarray(histograms[v][1]), keras_psp.wrapper.DEFAULT_THRESHOLD,
-               histograms[v][2], histograms[v][3]) for v in names if v in histograms]
+    figures = {
+        "accuracy_vs_flops": report.plot_accuracy_vs_flops(
+            table, os.path.join(args.out, "accuracy_vs_flops.png")),
+        "accuracy_vs_latency": report.plot_accuracy_vs_latency(
+            table, os.path.join(args.out, "accuracy_vs_latency.png")),
+    }
+    panels = [(f"{report.LABELS[v]}, target {r['target']:g}", np.asarray(r["relative_alpha"]),
+               None, r["cut_fraction"], r["separation"]) for v, r in histograms.items()]
     if panels:
-        figures["alpha_hist_wd_vs_l1"] = report.plot_alpha_histograms(
-            panels, os.path.join(args.out, "alpha_hist_wd_vs_l1.png"))
+        figures["alpha_histograms"] = report.plot_alpha_histograms(
+            panels, os.path.join(args.out, "alpha_histograms.png"))
     elapsed = time.perf_counter() - started
     summary = {
         "command": f"python examples/fashion_mnist_study.py {shlex.join(argv)}".strip(),
@@ -281,7 +283,8 @@ def main(argv=None) -> dict:
         "settings": {**vars(args), "train_images": len(data.x_train),
                      "test_images": len(data.x_test), "depth": config.depth,
                      "widths": config.widths, "stem_stride": config.stem_stride,
-                     "lr": config.lr, "finetune_lr": config.finetune_lr},
+                     "lr": config.lr, "finetune_lr": config.finetune_lr,
+                     "seeded": list(SEEDED)},
         "reference": reference, "table": table, "rows": rows, "latency_ms": latency,
         "litert_accuracy_first_500": litert_acc, "extras": extras, "figures": figures,
     }
@@ -293,7 +296,18 @@ def main(argv=None) -> dict:
         f.write(markdown)
     log(f"done in {elapsed / 60:.1f} min: {args.results}, {args.out}/results.json")
     print(report.markdown_table(table))
+    lines = {(t["method"], t["target"]): t for t in table}
+    base, psp = lines.get(("baseline", None)), lines.get(("trained_default_channel",
+                                                          args.targets[0]))
+    if base and psp and psp["accuracy"] is not None:
+        print(f"key ratio: PSP default from the trained model at {psp['flops_fraction']:.3f}× "
+              f"FLOPs, {_ratio(psp['latency_ratio'])} LiteRT latency: accuracy "
+              f"{psp['accuracy'] - base['accuracy']:+.2f} points against unpruned")
     return summary
+
+
+def _ratio(value) -> str:
+    return "—" if value is None else f"{value:.3f}×"
 
 
 if __name__ == "__main__":

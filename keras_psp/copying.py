@@ -23,6 +23,7 @@ import tempfile
 import warnings
 
 import keras
+import numpy as np
 from keras.src.saving.serialization_lib import SafeModeScope
 from keras.src.utils.tracking import DotNotTrackScope
 
@@ -130,6 +131,19 @@ def _overrides(layer, method: str) -> bool:
     return own is not None and own is not getattr(keras.layers.Layer, method, None)
 
 
+def _detached(value):
+    """A copy of a variable's or tensor's value that shares no buffer with it.
+
+    `save_own_variables` stores the variables themselves; assigning one to
+    the copy would share the original's buffer on JAX, and training the copy
+    (which donates its buffers to the jitted step) would delete the
+    original's weights.
+    """
+    if isinstance(value, keras.Variable) or keras.ops.is_tensor(value):
+        return np.array(keras.ops.convert_to_numpy(value))
+    return value
+
+
 def copy_state(source: keras.layers.Layer, target: keras.layers.Layer) -> None:
     """Copies all the state Keras saves of built `source` into built `target`.
 
@@ -152,6 +166,7 @@ def copy_state(source: keras.layers.Layer, target: keras.layers.Layer) -> None:
     for src, dst in zip(sources, targets, strict=True):
         store = {}
         src.save_own_variables(store)
+        store = {key: _detached(value) for key, value in store.items()}
         try:
             dst.load_own_variables(store)
         except ValueError as error:

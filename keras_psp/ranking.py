@@ -138,6 +138,16 @@ def _fraction(model, layers, alphas, owner, index) -> int:
     return slim_flops(model, values)
 
 
+def _layerwise_note(layers) -> str:
+    """Why layer-wise α do not help reach a target, when there are any."""
+    names = [layer.name for layer in layers if layer.structure == "layer"]
+    if not names:
+        return ""
+    return (f" Layer-wise α ({', '.join(repr(n) for n in names[:5])}"
+            f"{', ...' if len(names) > 5 else ''}) are never cut by a budget: each keeps its "
+            "`min_keep` structure; use channel, filter or column structures there.")
+
+
 def reachable(model: keras.Model, min_keep: int = 1) -> float:
     """The smallest FLOPs fraction cutting can reach: every structure cut but
     `min_keep` per PSP layer (the rest of the FLOPs sits in layers PSP does not
@@ -156,7 +166,8 @@ def prune_to(model: keras.Model, flops: float, allocation: str = "uniform", min_
     the smallest that brings `count_flops(slim(model))` to at most `flops`
     times `count_flops(model)`: the result lands at or just below the target,
     by at most the FLOPs of the last structure cut. Every layer keeps at
-    least `min_keep` structures.
+    least `min_keep` structures, so a layer-wise α (`structure="layer"`, one
+    structure) is never cut here: cut those by their threshold.
 
     Args:
         model: A model with PSP layers (not modified, except its α).
@@ -218,7 +229,7 @@ def prune_to(model: keras.Model, flops: float, allocation: str = "uniform", min_
                 f"prune_to: cannot reach {flops:.3f} of the FLOPs of model '{model.name}': "
                 f"cutting every structure but {min_keep} per PSP layer leaves {smallest:.3f}. "
                 "The rest sits in layers PSP does not wrap or surgery keeps whole; wrap more "
-                "layers, or aim higher."
+                "layers, or aim higher." + _layerwise_note(layers)
             )
         while low < high:  # the smallest k with fraction(k) <= flops
             middle = (low + high) // 2

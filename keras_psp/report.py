@@ -258,7 +258,7 @@ def plot_alphas(model: keras.Model, path: str | os.PathLike, bins: int = 40) -> 
             ax.set_yticks([])
             continue
         values = np.log10(np.maximum(relative, FLOOR))
-        lines = np.log10(thresholds)
+        lines = np.log10(np.maximum(thresholds, FLOOR))  # threshold 0: drawn at the floor
         low, high = min(values.min(), lines.min()), max(values.max(), lines.max())
         ax.hist(values, bins=int(bins), range=(low - 0.5, high + 0.5), color="tab:blue")
         for x in lines:

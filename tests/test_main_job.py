@@ -22,16 +22,17 @@ def _load_example():
 @pytest.mark.tensorflow_only
 def test_main_job_trains_saves_and_reports(tmp_path, capsys):
     job = _load_example()
-    result = job.main(
-        ["--epochs", "2", "--train-limit", "1024", "--out", str(tmp_path), "--verbose", "0"]
-    )
+    result = job.main(["--epochs", "1", "--prune-epochs", "2", "--train-limit", "1024",
+                       "--out", str(tmp_path), "--verbose", "0"])
     out = capsys.readouterr().out
+    assert "unpruned reference: test accuracy" in out
     assert "epoch 1: accuracy" in out and "epoch 2: accuracy" in out
-    assert "structures below threshold" in out
+    assert "structures cut" in out and "key ratio:" in out.splitlines()[-1]
     assert "XLA latency, batch 128 ms" in out and "LiteRT latency, batch 1 ms" in out
     assert "parameters" in out and "FLOPs" in out and ".tflite size" in out
     before, after = result["flops"]
-    assert 0 < after <= before
+    assert 0.45 * before <= after <= 0.5 * before  # FlopsBudget's default target, 0.5
+    assert 0.1 < result["reference_accuracy"] <= 1.0
     assert "separation" in out and len(result["separation"]) == 2
     assert all(0.0 <= s <= 1.0 for s in result["separation"])
     assert pathlib.Path(result["plot_path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -44,7 +45,7 @@ def test_main_job_trains_saves_and_reports(tmp_path, capsys):
     exported = result["exported"]
     for report in exported.values():  # each file was reloaded and compared
         assert report.checked == 256 and report.max_diff < 1e-4
-    # float32 weights dominate the file (2 epochs cut little: sizes are close)
+    # float32 weights dominate the file
     slim_params = keras.saving.load_model(result["slim_path"]).count_params()
     assert 4 * slim_params < exported["slim_tflite"].size < 4 * slim_params + 100_000
     assert (tmp_path / "slim_saved_model" / "saved_model.pb").exists()
@@ -70,3 +71,9 @@ def test_main_job_flags():
     job = _load_example()
     args = job.parse_args(["--epochs", "30", "--structure", "filter", "--strength", "0.01"])
     assert (args.epochs, args.structure, args.strength) == (30, "filter", 0.01)
+    default = job.parse_args([])
+    assert (default.workflow, default.target, default.regularizer) == (
+        "trained", 0.5, "relative_l1")
+    for bad in (["--target", "0"], ["--target", "1.5"], ["--prune-epochs", "0"]):
+        with pytest.raises(SystemExit):
+            job.parse_args(bad)

@@ -102,3 +102,12 @@ def test_prune_to_refuses_what_cannot_be_reached():
             prune_to(model, flops=bad)
     with pytest.raises(ValueError, match="no PSP layers"):
         prune_to(small_cnn(), flops=0.5)
+
+
+def test_layer_wise_alpha_is_named_when_a_target_cannot_be_reached():
+    model = cifar_resnet(8, (8, 8, 8), input_shape=(16, 16, 1), preactivation=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = wrap(model, structure="layer", layers=lambda layer: layer.name.endswith("b_conv"))
+    with pytest.raises(ValueError, match=r"Layer-wise α \('s1b1b_conv'.*never cut by a budget"):
+        prune_to(wrapped, flops=0.5)

@@ -198,6 +198,16 @@ def test_plot_alphas_non_finite_panel(tiny_cut, tmp_path, monkeypatch):
     assert texts[f"all layers (1/5 cut, separation {overall:.2f})"] == []
 
 
+def test_plot_alphas_with_a_zero_threshold(tiny_cut, tmp_path, monkeypatch):
+    """FlopsBudget's threshold 0 (only exact zeros cut): drawn at the floor, not log10(0)."""
+    seen = _record_figure(monkeypatch)
+    for layer in psp_layers(tiny_cut):
+        layer.threshold = 0.0
+    tiny_cut.get_layer("conv1").alpha.assign(np.array([1, 0.5, 0, 0], "float32"))
+    _png_ok(plot_alphas(tiny_cut, str(tmp_path / "zero.png")))
+    assert "conv1 (2/4 cut, sep. 1.00)" in [title for title, _ in seen]
+
+
 def test_plot_alphas_errors(tmp_path):
     with pytest.raises(ValueError, match="no PSP layers"):
         plot_alphas(_tiny(), tmp_path / "x.png")

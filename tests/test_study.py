@@ -25,15 +25,16 @@ def _load_study():
 def test_study_quick_writes_table_figures_and_results(tmp_path):
     study = _load_study()
     out, results = tmp_path / "out", tmp_path / "RESULTS.md"
+    methods = {"baseline", "trained_default_channel", "scratch_default_channel", "l1norm"}
     argv = ["--quick", "--out", str(out), "--results", str(results),
-            "--methods", "baseline,psp_channel,l1norm", "--targets", "0.5",
+            "--methods", ",".join(sorted(methods)), "--targets", "0.5",
             "--train-limit", "256", "--test-limit", "200", "--rounds", "2"]
     study.main(argv)
 
     summary = json.loads((out / "results.json").read_text())
     rows = summary["rows"]
     assert not [r for r in rows if "error" in r]
-    assert {r["method"] for r in rows} == {"baseline", "psp_channel", "l1norm"}
+    assert {r["method"] for r in rows} == methods
     full = summary["reference"]["flops"]
     assert full == 2_552_000  # the main job's ResNet-8
     for row in rows:
@@ -42,33 +43,41 @@ def test_study_quick_writes_table_figures_and_results(tmp_path):
     (l1,) = [r for r in rows if r["method"] == "l1norm"]
     assert abs(l1["flops"] / full - 0.5) < 0.03  # set by construction
     assert math.isfinite(l1["accuracy_before_finetune"])
-    (psp,) = [r for r in rows if r["method"] == "psp_channel"]
-    assert 0.0 < psp["flops_fraction"] <= 1.0 and psp["relative_alpha"]
+    for method in ("trained_default_channel", "scratch_default_channel"):
+        (psp,) = [r for r in rows if r["method"] == method]
+        assert 0.45 <= psp["flops_fraction"] <= 0.5  # FlopsBudget lands at or just below
+        assert psp["regularizer"] == "relative_l1" and psp["relative_alpha"]
+        assert psp["cut_fraction"] > 0
 
     table = {(t["method"], t["target"]): t for t in summary["table"]}
     assert table[("baseline", None)]["latency_ratio"] == pytest.approx(1.0)
     assert all(t["latency_ratio"] > 0 for t in table.values())
-    variants = {"psp_channel@0.5 gather=False", "psp_channel@0.5 gather=False, multiple_of=8"}
-    assert set(summary["extras"]["deploy_variants"]) == variants
-    assert set(summary["latency_ms"]) == {"baseline", "psp_channel@0.5", "l1norm@0.5"} | variants
+    assert set(summary["latency_ms"]) == {"baseline", "l1norm@0.5", "trained_default_channel@0.5",
+                                          "scratch_default_channel@0.5"}
     assert all(0.0 <= a <= 100.0 for a in summary["litert_accuracy_first_500"].values())
     assert sorted(p.name for p in (out / "tflite").glob("*.tflite")) == [
-        "baseline.tflite", "l1norm_0.5.tflite", "psp_channel_0.5.tflite"]
-    for name in ("accuracy_vs_flops.png", "alpha_hist_wd_vs_l1.png"):
+        "baseline.tflite", "l1norm_0.5.tflite", "scratch_default_channel_0.5.tflite",
+        "trained_default_channel_0.5.tflite"]
+    for name in ("accuracy_vs_flops.png", "accuracy_vs_latency.png", "alpha_histograms.png"):
         assert (out / name).read_bytes()[:8] == PNG
 
     text = results.read_text()
     assert "| method | target | FLOPs (×) | non-zero MACs (×) |" in text
     assert "python examples/fashion_mnist_study.py --quick --out" in text
     assert "Quick smoke run" in text and "not yet measured" in text
-    assert "cores" in text and "Elapsed" in text and "gather=False" in text
+    assert "cores" in text and "Elapsed" in text and "Equal budgets" in text
+    assert "from the trained model**" in text and "Latency front vs" in text
 
 
 def test_study_flags():
     study = _load_study()
     full = study.parse_args([])
-    assert (full.train_limit, full.epochs, full.seeds, full.results) == (10000, 10, 3, "RESULTS.md")
-    assert full.methods == list(study.METHODS) and full.targets == [0.5, 0.3]
+    assert (full.train_limit, full.epochs, full.finetune_epochs, full.seeds, full.results) == (
+        30000, 6, 3, 3, "RESULTS.md")
+    assert full.methods == list(study.DEFAULT_METHODS) and full.targets == [0.5, 0.3]
+    assert set(study.DEFAULT_METHODS) <= set(study.METHODS)
+    assert study.seeds_for("l1norm", 0.5, full) == 3 and study.seeds_for("l1norm", 0.3, full) == 1
+    assert study.seeds_for("trained_l2_channel", 0.5, full) == 1
     quick = study.parse_args(["--quick", "--out", "x", "--epochs", "2"])
     assert (quick.train_limit, quick.epochs, quick.seeds) == (384, 2, 1)
     assert quick.results == str(pathlib.Path("x") / "RESULTS.md")

@@ -20,19 +20,16 @@ from keras_psp.models import cifar_resnet
 class Config:
     """Settings shared by every method of the study (see the script's --help)."""
 
-    train_limit: int | None = 10000
+    train_limit: int | None = 30000
     test_limit: int | None = None
-    epochs: int = 10
-    finetune_epochs: int = 3
-    batch_size: int = 64  # 157 steps an epoch: at 128 (79) α did not separate in 10 epochs
+    epochs: int = 6  # N: training epochs of the unpruned model (and BN-slimming)
+    finetune_epochs: int = 3  # k: what every method gets after the N
+    batch_size: int = 128
     lr: float = 0.1
-    finetune_lr: float = 0.01
+    finetune_lr: float = 0.03  # every method's k epochs (keras_psp.prune's default)
     depth: int = 8
     widths: tuple[int, ...] = (16, 32, 64)
     stem_stride: int = 2
-    strength: float | None = None  # initial α strength, L2 and L1; None: keras_psp's 2e-2
-    max_strength_factor: float | None = None  # FlopsBudget max_strength / initial; None: its own
-    match_tolerance: float = 0.02  # PSP: move the threshold if FlopsBudget ends further off
     bn_l1: float | None = None  # network slimming's L1 on γ; None: see bn_l1_strength
     verbose: int = 0
 

@@ -1,125 +1,123 @@
-"""PSP rows: α with weight decay (channel, column, layer) or L1, at a FLOPs budget.
+"""PSP rows: pruning the trained baseline, or training with PSP from scratch.
 
-Every PSP run trains the ResNet from the same initialisation as the
-baseline of its seed, wrapped with `keras_psp.wrap`, for the same epochs,
-while `keras_psp.FlopsBudget(target)` adapts the α strength each epoch so
-that the slimmed model ends near the target FLOPs fraction. The row's
-figures are those of `keras_psp.slim(model)`: no fine-tuning.
+Two tracks, each at the same training budget as the baselines it is compared
+with:
+
+- **from the trained model** (`trained_*`): the seed's trained baseline
+  (N epochs) goes through `keras_psp.prune(target, epochs=k)`: wrapped, k
+  epochs of fine-tuning while `FlopsBudget` cuts on its schedule, slimmed,
+  BN statistics re-estimated. ℓ1-norm + FT and tfmot get the same trained
+  model and the same k epochs.
+- **from scratch** (`scratch_*`): PSP trains N + k epochs from the seed's
+  initialisation, with `FlopsBudget(target, begin=0.1, end=0.6)`, then
+  `slim` and `recalibrate`; BN-slimming trains N epochs and fine-tunes k.
+
+Each variant is a penalty on α (the default scale-invariant "relative_l1",
+the paper's "l2", or "l1") and a structure (`channel`, `column`).
 """
 
 from __future__ import annotations
 
-import math
-import re
+import time
 import warnings
 
 import keras
-import numpy as np
 
 import keras_psp
 from keras_psp.stats import relative_alpha
 
 from .common import Config, Data, accuracy, build_resnet, compile_sgd, costs, fit
 
-#: Row name → (structure, regularizer on α).
+#: Row name → (track, structure, regularizer on α).
 VARIANTS = {
-    "psp_channel": ("channel", "l2"),
-    "psp_column": ("column", "l2"),
-    "psp_layer": ("layer", "l2"),
-    "psp_l1": ("channel", "l1"),
+    f"{track}_{penalty}_{structure}": (track, structure,
+                                       "relative_l1" if penalty == "default" else penalty)
+    for track in ("trained", "scratch")
+    for penalty in ("default", "l2", "l1")
+    for structure in ("channel", "column")
 }
-
-_INNER = re.compile(r"s\d+b\d+[ab]_conv$")
-
-
-def layer_selection(structure: str):
-    """Which layers to wrap: all convs and the classifier, except for `layer`.
-
-    A layer-wise α of the stem, a projection shortcut or the classifier sits
-    on the only path from the input to the output (cutting it is an error),
-    so with `structure="layer"` only the two convolutions inside each
-    residual branch are wrapped: cutting either removes the branch.
-    """
-    if structure == "layer":
-        return lambda layer: bool(_INNER.search(layer.name))
-    return None
+#: Examples whose BN statistics the slim models are recalibrated on.
+RECALIBRATION = 4096
 
 
-def train_psp(config: Config, data: Data, seed: int, variant: str, target: float) -> tuple:
-    """Trains one PSP row; returns (row dict, wrapped model, slim model)."""
-    structure, regularizer = VARIANTS[variant]
-    base = build_resnet(config, seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "layer": BN cancels the α (noted in RESULTS.md)
-        model = keras_psp.wrap(base, structure=structure, layers=layer_selection(structure),
-                               regularizer=regularizer, strength=config.strength)
-    compile_sgd(model, config, data, config.lr, config.epochs)
-    monitor = keras_psp.SeparationMonitor(verbose=0)
-    budget = keras_psp.FlopsBudget(target=target, verbose=config.verbose)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        seconds = fit(model, config, data, config.epochs, seed, [monitor, budget])
-    layers = keras_psp.cloning.psp_layers(model)
-    full = keras_psp.count_flops(model)
-    budget_fraction = _fraction(model, full)
-    budget_accuracy, threshold = None, layers[0].threshold
-    if not abs(budget_fraction - target) <= config.match_tolerance:
-        if math.isfinite(budget_fraction):
-            budget_accuracy = accuracy(keras_psp.slim(model), data)
-        threshold = match_threshold(model, layers, target, full)
-    small = keras_psp.slim(model, check_inputs=data.x_test[:64])
-    small_costs = costs(small)
-    pooled = np.concatenate([relative_alpha(layer.alpha, layer.structure) for layer in layers])
+class _Keep(keras.callbacks.Callback):
+    """Keeps the model `fit` trains (the wrapped one inside `prune`) and the
+    FLOPs fraction `FlopsBudget` logs each epoch (listed after it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.history = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.history.append({"psp_flops": (logs or {}).get("psp_flops")})
+
+    def on_train_end(self, logs=None):
+        self.trained = self.model
+
+
+def _row(variant, target, seed, small, wrapped, monitor, budget, seconds, full) -> dict:
+    track, structure, regularizer = VARIANTS[variant]
+    layers = keras_psp.cloning.psp_layers(wrapped)
     masks = [layer.mask() for layer in layers]
-    row = {
-        "method": variant, "structure": structure, "regularizer": regularizer,
-        "target": target, "seed": seed, "accuracy": accuracy(small, data),
-        "train_seconds": seconds, **small_costs,
+    small_costs = costs(small)
+    return {
+        "method": variant, "track": track, "structure": structure, "regularizer": regularizer,
+        "target": target, "seed": seed, "train_seconds": seconds, **small_costs,
         "flops_fraction": small_costs["flops"] / full,
-        "budget_flops_fraction": budget_fraction, "budget_accuracy": budget_accuracy,
         "cut_fraction": 1.0 - sum(int(m.sum()) for m in masks) / sum(m.size for m in masks),
         "separation": monitor.history[-1]["psp_separation"] if monitor.history else None,
-        "strength": float(keras.ops.convert_to_numpy(layers[0].alpha_strength)),
-        "flops_per_epoch": [h["psp_flops"] for h in budget.history],
-        "warnings": sorted({str(w.message)[:200] for w in caught
-                            if "FlopsBudget" in str(w.message)}),
-        "relative_alpha": [float(v) for v in pooled],
-        "threshold": threshold,  # the first layer's (FlopsBudget may lower it per layer)
-        "thresholds": {layer.name: layer.threshold for layer in layers},
+        "flops_per_epoch": [h["psp_flops"] for h in budget.history] if budget else None,
+        "relative_alpha": [float(v) for layer in layers
+                           for v in relative_alpha(layer.alpha, layer.structure)],
     }
-    return row, model, small
 
 
-def _fraction(model, full: int) -> float:
-    """FLOPs of `slim(model)` over `full`; NaN if the model cannot be slimmed."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return keras_psp.count_flops(keras_psp.slim(model)) / full
-    except (ValueError, RuntimeError):  # e.g. every structure of an only-path layer cut
-        return math.nan
+def prune_trained(config: Config, data: Data, trained: keras.Model, seed: int, variant: str,
+                  target: float) -> tuple[dict, keras.Model]:
+    """`keras_psp.prune` of the trained baseline for `finetune_epochs`; (row, slim model)."""
+    _, structure, regularizer = VARIANTS[variant]
+    monitor, keep = keras_psp.SeparationMonitor(verbose=0), _Keep()
+    keras.utils.set_random_seed(seed)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = keras_psp.prune(
+            trained, data.x_train, data.y_train, target=target, epochs=config.finetune_epochs,
+            structure=structure, regularizer=regularizer, batch_size=config.batch_size,
+            learning_rate=config.finetune_lr, loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"], callbacks=[monitor, keep], verbose=config.verbose)
+    seconds = time.perf_counter() - start
+    row = _row(variant, target, seed, small, keep.trained, monitor, keep, seconds,
+               keras_psp.count_flops(trained))
+    row["accuracy"] = accuracy(small, data)
+    return row, small
 
 
-def match_threshold(model, layers, target: float, full: int, steps: int = 14) -> float:
-    """Sets every layer's threshold so that the slim FLOPs are closest to `target`.
+def train_scratch(config: Config, data: Data, seed: int, variant: str,
+                  target: float) -> tuple[dict, keras.Model]:
+    """PSP from the seed's initialisation for epochs + finetune_epochs; (row, slim model)."""
+    _, structure, regularizer = VARIANTS[variant]
+    base = build_resnet(config, seed)
+    model = keras_psp.wrap(base, structure=structure, regularizer=regularizer)
+    epochs = config.epochs + config.finetune_epochs
+    compile_sgd(model, config, data, config.lr, epochs)
+    monitor = keras_psp.SeparationMonitor(verbose=0)
+    budget = keras_psp.FlopsBudget(target=target, begin=0.1, end=0.6,
+                                   recalibrate=data.x_train[:RECALIBRATION],
+                                   verbose=config.verbose)
+    seconds = fit(model, config, data, epochs, seed, [monitor, budget])
+    small = keras_psp.slim(model, check_inputs=data.x_test[:64])
+    keras_psp.recalibrate(small, data.x_train[:RECALIBRATION])
+    row = _row(variant, target, seed, small, model, monitor, budget, seconds,
+               keras_psp.count_flops(base))
+    row["accuracy"] = accuracy(small, data)
+    return row, small
 
-    The fallback when `FlopsBudget` ended outside `match_tolerance`: a
-    bisection on log10 of the relative threshold in [1e-4, 0.5] (the FLOPs
-    fall as the threshold rises). The trained α are not touched.
-    """
-    def at(log_t: float) -> float:
-        for layer in layers:
-            layer.threshold = 10.0 ** log_t
-        value = _fraction(model, full)
-        return value if math.isfinite(value) else -1.0  # cut off: treat as too far
 
-    low, high = math.log10(1e-4), math.log10(0.5)
-    for end, beyond in ((high, lambda f: f >= target), (low, lambda f: f <= target)):
-        if beyond(at(end)):  # the target lies outside the range: its nearest end
-            return 10.0 ** end
-    for _ in range(steps):
-        mid = (low + high) / 2
-        low, high = (mid, high) if at(mid) > target else (low, mid)
-    best = min((low, high), key=lambda t: abs(at(t) - target))
-    at(best)
-    return 10.0 ** best
+def run(config: Config, data: Data, trained: keras.Model, seed: int, variant: str,
+        target: float) -> tuple[dict, keras.Model]:
+    """One PSP row of either track."""
+    if VARIANTS[variant][0] == "trained":
+        return prune_trained(config, data, trained, seed, variant, target)
+    return train_scratch(config, data, seed, variant, target)
+

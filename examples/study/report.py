@@ -15,15 +15,23 @@ import numpy as np
 from keras_psp.stats import FLOOR
 
 LABELS = {
-    "baseline": "unpruned baseline",
-    "psp_channel": "PSP, weight decay, `channel`",
-    "psp_column": "PSP, weight decay, `column`",
-    "psp_layer": "PSP, weight decay, `layer`",
-    "psp_l1": "PSP, L1 on α, `channel`",
-    "l1norm": "ℓ1-norm filters (Li et al.) + FT",
-    "bnslim": "BN-scale slimming (Liu et al.) + FT",
-    "tfmot_50": "tfmot magnitude 50 % + FT",
-    "tfmot_2of4": "tfmot 2:4 + FT",
+    "baseline": "unpruned (N + k epochs)",
+    "trained_default_channel": "PSP default (relative L1), `channel`, from trained",
+    "trained_default_column": "PSP default (relative L1), `column`, from trained",
+    "trained_l2_channel": "PSP L2 (paper), `channel`, from trained",
+    "trained_l2_column": "PSP L2 (paper), `column`, from trained",
+    "trained_l1_channel": "PSP L1, `channel`, from trained",
+    "trained_l1_column": "PSP L1, `column`, from trained",
+    "scratch_default_channel": "PSP default (relative L1), `channel`, from scratch",
+    "scratch_default_column": "PSP default (relative L1), `column`, from scratch",
+    "scratch_l2_channel": "PSP L2 (paper), `channel`, from scratch",
+    "scratch_l2_column": "PSP L2 (paper), `column`, from scratch",
+    "scratch_l1_channel": "PSP L1, `channel`, from scratch",
+    "scratch_l1_column": "PSP L1, `column`, from scratch",
+    "l1norm": "ℓ1-norm filters (Li et al.) + FT, from trained",
+    "bnslim": "BN-scale slimming (Liu et al.) + FT, from scratch",
+    "tfmot_50": "tfmot magnitude 50 % + FT, from trained",
+    "tfmot_2of4": "tfmot 2:4 + FT, from trained",
 }
 ORDER = list(LABELS)
 
@@ -155,6 +163,52 @@ def plot_accuracy_vs_flops(lines: list[dict], path: str) -> str:
     return path
 
 
+def _front(points):
+    """The Pareto front (lower x, higher y) of (x, y) points, sorted by x."""
+    front, best = [], -math.inf
+    for x, y in sorted(points):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def fronts(lines: list[dict]) -> dict[str, list]:
+    """Latency/accuracy Pareto fronts of PSP rows, ℓ1-norm and BN-slimming."""
+    groups = {"PSP": lambda m: m.startswith(("trained_", "scratch_")),
+              "ℓ1-norm + FT": lambda m: m == "l1norm", "BN-slimming + FT": lambda m: m == "bnslim"}
+    return {name: _front([(t["latency_ratio"], t["accuracy"]) for t in lines
+                          if test(t["method"]) and t["latency_ratio"] and t["accuracy"]])
+            for name, test in groups.items()}
+
+
+def plot_accuracy_vs_latency(lines: list[dict], path: str) -> str:
+    """Accuracy against measured LiteRT latency, with each family's Pareto front."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.5, 5), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    colors = {m: f"C{i}" for i, m in enumerate(ORDER)}
+    for t in lines:
+        if t["latency_ratio"] is None or t["accuracy"] is None:
+            continue
+        label = LABELS[t["method"]] + ("" if t["target"] is None else f" @ {t['target']:g}")
+        ax.plot(t["latency_ratio"], t["accuracy"], "o", color=colors[t["method"]], label=label)
+    for (name, front), style in zip(fronts(lines).items(), ("-", "--", ":"), strict=True):
+        if front:
+            ax.plot(*zip(*front, strict=True), style, color="k", lw=1, alpha=0.6,
+                    label=f"front: {name}")
+    ax.set_xlabel("LiteRT batch-1 latency / unpruned (one interleaved run)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Fashion-MNIST, ResNet: accuracy vs measured latency", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="lower right")
+    figure.savefig(path, dpi=120)
+    return path
+
+
 def plot_alpha_histograms(panels: list[tuple[str, np.ndarray, float, float, float]],
                           path: str) -> str:
     """One panel per (title, pooled relative |α|, threshold, cut fraction, separation).
@@ -166,14 +220,16 @@ def plot_alpha_histograms(panels: list[tuple[str, np.ndarray, float, float, floa
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(4.2 * max(1, len(panels)), 3.4), layout="constrained")
+    figure = Figure(figsize=(4.6 * max(1, len(panels)), 3.6), layout="constrained")
     FigureCanvasAgg(figure)
     axes = np.atleast_1d(figure.subplots(1, max(1, len(panels))))
     for ax, (title, relative, threshold, cut, sep) in zip(axes, panels, strict=False):
         values = np.log10(np.maximum(relative, FLOOR))
         ax.hist(values, bins=40, range=(np.log10(FLOOR) - 0.25, 0.25), color="tab:blue")
-        ax.axvline(np.log10(threshold), color="tab:red", ls="--", lw=1)
-        ax.set_title(f"{title}\n{100 * cut:.0f} % of structures cut, separation "
+        if threshold is not None:
+            ax.axvline(np.log10(threshold), color="tab:red", ls="--", lw=1)
+        ax.set_title(f"{title}\n{100 * cut:.0f} % of structures cut (at 1e-8: exactly 0), "
+                     f"separation "
                      f"{_fmt(sep)}", fontsize=9)
         ax.set_xlabel("log10 |α| / layer max (floor 1e-8)")
         ax.set_ylabel("structures")
