@@ -8,7 +8,7 @@ PYTHON="${PYTHON:-python3}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 WORKERS="${PSP_TEST_WORKERS:-2}"
 echo "== tests, TensorFlow backend"
-KERAS_BACKEND=tensorflow "$PYTHON" -m pytest -q -n "$WORKERS" --dist worksteal --durations=25 "$@"
+KERAS_BACKEND=tensorflow "$PYTHON" -m pytest -q -n "$WORKERS" --dist load --durations=25 "$@"
 echo "== tests, JAX backend (the subset in tests/conftest.py)"
-PSP_JAX_SUBSET=1 PSP_RANDOM_GRAPHS="${PSP_RANDOM_GRAPHS_JAX:-10}" KERAS_BACKEND=jax \
-  "$PYTHON" -m pytest -q -n "$WORKERS" --dist worksteal --durations=10 "$@"
+PSP_JAX_SUBSET=1 PSP_RANDOM_GRAPHS="${PSP_RANDOM_GRAPHS_JAX:-4}" KERAS_BACKEND=jax \
+  "$PYTHON" -m pytest -q -n "$WORKERS" --dist load --durations=10 "$@"

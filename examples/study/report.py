@@ -124,14 +124,18 @@ def markdown_table(lines: list[dict]) -> str:
     return head + "\n".join(body) + "\n"
 
 
-def plot_accuracy_vs_flops(lines: list[dict], path: str) -> str:
+def _axes():
+    """A figure, its one axes, and a color per method."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7.5, 5), layout="constrained")
     FigureCanvasAgg(figure)
-    ax = figure.subplots()
-    colors = {m: f"C{i}" for i, m in enumerate(ORDER)}
+    return figure, figure.subplots(), {m: f"C{i}" for i, m in enumerate(ORDER)}
+
+
+def plot_accuracy_vs_flops(lines: list[dict], path: str) -> str:
+    figure, ax, colors = _axes()
     for method in ORDER:
         mine = sorted((t for t in lines if t["method"] == method and t["accuracy"] is not None),
                       key=lambda t: t["flops_fraction"])
@@ -184,13 +188,7 @@ def fronts(lines: list[dict]) -> dict[str, list]:
 
 def plot_accuracy_vs_latency(lines: list[dict], path: str) -> str:
     """Accuracy against measured LiteRT latency, with each family's Pareto front."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7.5, 5), layout="constrained")
-    FigureCanvasAgg(figure)
-    ax = figure.subplots()
-    colors = {m: f"C{i}" for i, m in enumerate(ORDER)}
+    figure, ax, colors = _axes()
     for t in lines:
         if t["latency_ratio"] is None or t["accuracy"] is None:
             continue
