@@ -71,3 +71,22 @@ def test_recalibration_restores_a_pruned_models_accuracy(digits):
     assert all(np.array_equal(a, to_numpy(b)) for a, b in zip(weights, small.trainable_weights,
                                                               strict=True))  # no weight moved
     assert len(batchnorm_layers(small)) == 2
+
+
+def test_slim_offers_recalibration(rng):
+    """`slim(recalibrate=x)`: checked against the pruned model first (exact), then the
+    slim model's BN statistics are those of `x`; without it they are the model's own."""
+    x = rng.normal(1.0, 2.0, size=(32, 8, 8, 1)).astype("float32")
+    wrapped = wrap(small_cnn(), layers=["conv1"])
+    alpha = np.ones(8, "float32")
+    alpha[[0, 3]] = 0.0
+    wrapped.get_layer("conv1").alpha.assign(alpha)
+    plain = slim(wrapped)
+    fresh = slim(wrapped, check_inputs=x[:8], recalibrate=x)
+    bn, stale = fresh.get_layer("bn0"), plain.get_layer("bn0")
+    assert np.all(to_numpy(stale.moving_mean) == 0)  # untouched: the wrapped model's own
+    assert bn.moving_mean.shape == (6,)  # two channels of conv0 went with conv1's inputs
+    np.testing.assert_allclose(to_numpy(bn.moving_mean), _first_bn_inputs(fresh, x)
+                               .reshape(-1, 6).mean(0), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="`steps`"):
+        slim(wrapped, recalibrate=x, recalibration_steps=0)

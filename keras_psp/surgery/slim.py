@@ -13,6 +13,7 @@ from scipy.sparse.csgraph import connected_components
 
 from keras_psp.cloning import check_graph_model, iter_layers, psp_layers
 from keras_psp.copying import copy_state
+from keras_psp.recalibration import recalibrate as _recalibrate
 from keras_psp.surgery.constants import check_cut_layers, find_constants, probe_values
 from keras_psp.surgery.graph import Graph, flatten, rebuild, unwrap, width
 from keras_psp.surgery.rules import Merge, ReshapeRule, Rule, rule_for
@@ -303,6 +304,8 @@ def slim(
     atol: float | None = None,
     gather: bool = True,
     multiple_of: int | None = None,
+    recalibrate=None,
+    recalibration_steps: int | None = None,
 ) -> keras.Model:
     """Returns a physically smaller plain Keras model computing the same.
 
@@ -332,12 +335,20 @@ def slim(
             every gathered width) up to a multiple of this, keeping some cut
             channels: vectorized kernels (XLA, XNNPACK) run channel counts
             that are multiples of 8 much faster. `None`: exact minimum.
+        recalibrate: Optional training inputs (as `keras_psp.recalibrate`
+            takes them): after the check, the slim model's BatchNormalization
+            statistics are re-estimated on them, which a model whose
+            structures were cut without it needs (its moving statistics
+            predate the cut). The slim model then differs from the pruned
+            one by exactly that update. None: statistics as they were.
+        recalibration_steps: Batches of `recalibrate` to use; None: all.
 
     Example:
 
     ```python
     small = keras_psp.slim(wrapped, check_inputs=x_test[:64])
     small.save("slim.keras")
+    small = keras_psp.slim(wrapped, recalibrate=x_train[:4096])  # fresh BN statistics
     ```
     """
     check_graph_model(model, "slim")
@@ -374,4 +385,6 @@ def slim(
     )
     if check_inputs is not None:
         _check_against(model, small, expected, check_inputs, atol)
+    if recalibrate is not None:
+        _recalibrate(small, recalibrate, steps=recalibration_steps)
     return small
