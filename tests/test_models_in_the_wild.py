@@ -342,3 +342,46 @@ def test_litert_export_of_dynamic_spatial_sizes(rng, tmp_path):
     x = rng.random((2, 9, 9, 3)).astype("float32")
     report = keras_psp.export(model, tmp_path / "a.tflite", format="tflite", check_inputs=x)
     assert report.checked == 2 and report.max_diff < 1e-5
+
+
+@keras.saving.register_keras_serializable("keras_psp_tests")
+class ChannelScale(keras.layers.Layer):
+    """README, "Extending keras_psp": a per-channel scale."""
+
+    def build(self, shape):
+        self.scale = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.scale
+
+
+def test_the_readme_extension_example(rng):
+    """Unregistered, slim keeps every channel through the layer and says so; registered
+    as the README shows, its channels are cut and its weights sliced, exactly."""
+    from keras_psp.surgery import rules
+
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(6, 3, padding="same", name="c1")(inputs)
+    x = ChannelScale(name="scale")(x)
+    x = L.ReLU()(x)
+    x = L.Conv2D(4, 3, padding="same", name="c2")(x)
+    model = keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+    model.get_layer("scale").scale.assign(rng.uniform(0.5, 2.0, 6).astype("float32"))
+    wrapped = wrap(model, layers=["c2"])
+    wrapped.get_layer("c2").alpha.assign(np.array([1, 0, 1, 0, 1, 1], "float32"))
+    x_check = rng.random((4, 8, 8, 3)).astype("float32")
+    with pytest.warns(UserWarning, match=r"keeps every channel through layer\(s\) 'scale'"):
+        kept = slim(wrapped, check_inputs=x_check)
+    assert kept.get_layer("c1").filters == 6
+    rules.register_rule(rules.Passthrough(), ChannelScale)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            small = slim(wrapped, check_inputs=x_check)
+        assert not [w for w in caught if "keeps every channel" in str(w.message)]
+    finally:
+        rules._RULES.pop(ChannelScale)
+    assert small.get_layer("c1").filters == 4
+    np.testing.assert_array_equal(to_numpy(small.get_layer("scale").scale),
+                                  to_numpy(model.get_layer("scale").scale)[[0, 2, 4, 5]])
+    assert verify(strip(wrapped), small, x_check) < 1e-5
