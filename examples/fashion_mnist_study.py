@@ -153,6 +153,13 @@ def seeds_for(method: str, target, args) -> int:
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if "tfmot" in args.methods:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorflow_model_optimization") is None:
+            raise SystemExit("fashion_mnist_study: the tfmot rows need tensorflow-model-"
+                             "optimization and tf_keras: pip install -e .[tfmot] (or leave "
+                             "tfmot out of --methods).")
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")  # tf.function retracing notes of many small models
