@@ -50,27 +50,7 @@ def _in_jax_subset(item) -> bool:
     return wanted is None or any(part in item.name for part in wanted)
 
 
-#: The longest tests (seconds on the 2-core CI machine, `--durations`), run first so that
-#: the two xdist workers do not end with one of them alone on a long test.
-SLOW_FIRST = {
-    "test_distributed_jax.py::test_killed": 150, "test_distributed_jax.py::test_two": 125,
-    "test_slim_random.py::test_random_graphs": 100, "test_distributed_tf.py::test_killed": 77,
-    "test_distributed_tf.py::test_two": 65, "test_study.py::test_study_quick": 60,
-    "test_main_job.py::test_main_job_trains": 60, "test_cli.py::test_workflow": 54,
-    "test_distributed_tf.py::test_mirrored": 49, "test_paper_examples.py::test_imagenet": 40,
-    "test_slim.py::test_keras_applications": 30, "test_paper_examples.py::test_cifar": 30,
-    "test_pruning.py::test_prune_a_trained": 30, "test_packaging.py::test_console": 30,
-    "test_callbacks.py::test_budget_reaches": 25,
-}
-
-
-def _expected_seconds(item) -> float:
-    name = f"{item.path.name}::{item.name}"
-    return max((s for key, s in SLOW_FIRST.items() if name.startswith(key)), default=0.0)
-
-
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=_expected_seconds, reverse=True)  # stable: the rest keep their order
     if keras.backend.backend() == "tensorflow":
         return
     skip = pytest.mark.skip(reason="needs the TensorFlow backend")

@@ -53,7 +53,10 @@ def files(tmp_path_factory):
     return folder
 
 
-def test_workflow_summary_slim_export_bench_in_subprocesses(files, tmp_path):
+def test_workflow_summary_slim_export_bench_in_subprocesses(files, tmp_path, capsys):
+    """summary and slim through the installed `keras-psp` script (its exit codes and
+    output as a user sees them); export and bench on their results in this process
+    (each start of a new process imports TensorFlow again, ~10 s here)."""
     summary = _run("summary", files / "wrapped.keras", script=True)
     assert summary.returncode == 0, summary.stderr[-2000:]
     assert 'PSP summary: "cnn"' in summary.stdout and "conv1" in summary.stdout
@@ -69,21 +72,22 @@ def test_workflow_summary_slim_export_bench_in_subprocesses(files, tmp_path):
     assert small.count_params() == 1019 and not keras_psp.cloning.psp_layers(small)
 
     tflite = tmp_path / "model.tflite"
-    exported = _run("export", slim_path, "-o", tflite, "--quantize", "int8",
-                    "--calibration", files / "x.npy")
-    assert exported.returncode == 0, exported.stderr[-2000:]
-    assert "LiteRT int8 (float32 inputs/outputs)" in exported.stdout
-    assert "verified on 64 examples (representative_data)" in exported.stdout
-    assert "top-1 agreement" in exported.stdout and tflite.is_file()
+    capsys.readouterr()
+    assert main(["export", str(slim_path), "-o", str(tflite), "--quantize", "int8",
+                 "--calibration", str(files / "x.npy")]) == 0
+    exported = capsys.readouterr().out
+    assert "LiteRT int8 (float32 inputs/outputs)" in exported
+    assert "verified on 64 examples (representative_data)" in exported
+    assert "top-1 agreement" in exported and tflite.is_file()
 
-    bench = _run("bench", slim_path, tflite, "--rounds", "3", "--warmup", "1")
-    assert bench.returncode == 0, bench.stderr[-2000:]
-    lines = bench.stdout.splitlines()
+    assert main(["bench", str(slim_path), str(tflite), "--rounds", "3", "--warmup", "1"]) == 0
+    bench = capsys.readouterr()
+    lines = bench.out.splitlines()
     assert "batch 1, 3 interleaved rounds (A B A B …)" in lines[0]
-    assert re.search(r"A +\S*slim\.keras +Keras \+ XLA +median \d+\.\d{3} ms", bench.stdout)
-    assert re.search(r"B +\S*model\.tflite +LiteRT +median \d+\.\d{3} ms", bench.stdout)
-    medians = [float(m) for m in re.findall(r"median (\d+\.\d+) ms", bench.stdout)]
-    ratio = float(re.search(r"ratio B/A \(median latency\): (\d+\.\d+)", bench.stdout).group(1))
+    assert re.search(r"A +\S*slim\.keras +Keras \+ XLA +median \d+\.\d{3} ms", bench.out)
+    assert re.search(r"B +\S*model\.tflite +LiteRT +median \d+\.\d{3} ms", bench.out)
+    medians = [float(m) for m in re.findall(r"median (\d+\.\d+) ms", bench.out)]
+    ratio = float(re.search(r"ratio B/A \(median latency\): (\d+\.\d+)", bench.out).group(1))
     assert ratio == pytest.approx(medians[1] / medians[0], abs=2e-3 + 0.01 * ratio)
 
 
