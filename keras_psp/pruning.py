@@ -12,7 +12,7 @@ from keras_psp.budget import FlopsBudget
 from keras_psp.callbacks import SeparationMonitor
 from keras_psp.cloning import check_graph_model, wrap
 from keras_psp.flops import count_flops
-from keras_psp.recalibration import _is_arrays, recalibrate
+from keras_psp.recalibration import _is_arrays
 from keras_psp.surgery.slim import slim
 
 #: Examples of array data used to re-estimate BatchNormalization statistics.
@@ -58,9 +58,9 @@ def prune(model: keras.Model, x, y=None, *, target: float = 0.5, epochs: int = 3
     default scale-invariant penalty; `fit` trains for `epochs` epochs while
     `FlopsBudget` cuts the lowest-ranked structures on a schedule (the target
     is reached half-way, the second half fine-tunes the final network, and
-    BatchNormalization statistics are re-estimated before each validation);
-    `slim` then rebuilds the physically smaller model, verified against the
-    pruned one, and `recalibrate` re-estimates its BN statistics once more.
+    BatchNormalization statistics are re-estimated before each validation and
+    at the end); `slim` then rebuilds the physically smaller model, verified
+    against the pruned one, so it has those fresh statistics too.
     The input model is not modified.
 
     Progress: Keras's progress bar, one line per epoch from `FlopsBudget`
@@ -128,8 +128,7 @@ def prune(model: keras.Model, x, y=None, *, target: float = 0.5, epochs: int = 3
                 validation_data=validation_data, verbose=verbose,
                 callbacks=[SeparationMonitor(verbose=0), budget, *(callbacks or [])])
     check = keras.tree.map_structure(lambda a: a[:64], x) if _is_arrays(x) else None
-    small = slim(wrapped, check_inputs=check)
-    recalibrate(small, calibration, steps=None if _is_arrays(x) else 16)
+    small = slim(wrapped, check_inputs=check)  # BN statistics: FlopsBudget's, at train end
     small.compile(optimizer=keras.optimizers.SGD(), loss=loss, metrics=metrics)
     if verbose != 0:
         line = (f"prune: FLOPs {count_flops(model):,} -> {count_flops(small):,} "
