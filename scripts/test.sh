@@ -10,5 +10,12 @@ WORKERS="${PSP_TEST_WORKERS:-2}"
 echo "== tests, TensorFlow backend"
 KERAS_BACKEND=tensorflow "$PYTHON" -m pytest -q -n "$WORKERS" --dist worksteal --durations=25 "$@"
 echo "== tests, JAX backend (the subset in tests/conftest.py)"
+# One XLA compilation cache for this run: the pytest workers and the
+# multi-process tests' subprocesses compile many identical programs (a fresh,
+# empty folder each run, so nothing carries over between runs).
+JAX_CACHE="$(mktemp -d)"
+trap 'rm -rf "$JAX_CACHE"' EXIT
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$JAX_CACHE}"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 PSP_JAX_SUBSET=1 PSP_RANDOM_GRAPHS="${PSP_RANDOM_GRAPHS_JAX:-4}" KERAS_BACKEND=jax \
   "$PYTHON" -m pytest -q -n "$WORKERS" --dist worksteal --durations=10 "$@"
