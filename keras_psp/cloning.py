@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 import keras
 
 from keras_psp.copying import copy_layer, copy_state
+from keras_psp.groups import GROUP, group_layers, group_views, wrap_groups
 from keras_psp.structures import STRUCTURES, get_handler, supported_layer_types
 from keras_psp.wrapper import PSP
 
@@ -51,9 +52,10 @@ def iter_layers(model) -> Iterator[keras.layers.Layer]:
             yield layer
 
 
-def psp_layers(model) -> list[PSP]:
-    """The PSP layers of `model`, nested models included."""
-    return [layer for layer in iter_layers(model) if isinstance(layer, PSP)]
+def psp_layers(model) -> list:
+    """The PSP layers of `model`, nested models included, then its channel
+    groups (`keras_psp.groups.Group`: each one reads like a PSP layer)."""
+    return [layer for layer in iter_layers(model) if isinstance(layer, PSP)] + group_views(model)
 
 
 def _copy_pairs(source_model, clone_function) -> tuple[keras.Model, list]:
@@ -114,7 +116,12 @@ def wrap(
     Args:
         model: A built Sequential or functional model (nested models are
             handled).
-        structure: The structure of every new wrapper (see `PSP`).
+        structure: The structure of every new wrapper (see `PSP`), or
+            `"group"`: one α per channel of every coupled channel group,
+            shared by all the layers that read it (`keras_psp.groups`); cut
+            channels then leave every producer and reader together, so
+            `slim` needs no gather. The model is rebuilt flat (nested models
+            inlined).
         layers: Which layers to wrap: None (every supported layer the
             structure fits), a layer name or class, a list of names and/or
             classes (each must be wrappable), or a predicate
@@ -131,10 +138,15 @@ def wrap(
     ```
     """
     check_graph_model(model, "wrap")
+    if structure == GROUP:
+        if layers is not None:
+            raise ValueError("wrap: structure='group' gives every removable channel group an "
+                             "α; it takes no `layers` selection.")
+        return wrap_groups(model, **psp_kwargs)
     if structure not in STRUCTURES:
         raise ValueError(
             f"Unknown structure {structure!r}. Choose one of "
-            f"{', '.join(map(repr, STRUCTURES))}."
+            f"{', '.join(map(repr, (*STRUCTURES, GROUP)))}."
         )
     wanted, explicit = _selector(layers, model)
     skipped = []
@@ -238,6 +250,8 @@ def strip(model: keras.Model) -> keras.Model:
     check_graph_model(model, "strip")
     for layer in psp_layers(model):
         layer.check_finite("strip the model")
+    if group_layers(model):
+        return _strip_groups(model)
 
     def clone(layer):
         if not isinstance(layer, PSP):
@@ -251,3 +265,32 @@ def strip(model: keras.Model) -> keras.Model:
         elif isinstance(src, keras.layers.Layer):
             copy_state(src, dst)
     return new_model
+
+
+def _strip_groups(model) -> keras.Model:
+    """`strip` for a model with channel groups: α folds into the kernels of
+    the layers that read them, and the `ChannelGroups` calls leave the graph
+    (rebuilt flat: nested models are inlined)."""
+    from keras_psp.surgery.graph import flatten, rebuild, unwrap
+
+    graph = unwrap(flatten(model))
+    built = {}
+
+    def emit(op, values):
+        layer = op.layer
+        args, kwargs = op.node.arguments.fill_in(
+            {tid: values[key] for tid, key in op.local.items()})
+        if not isinstance(layer, keras.layers.Layer):
+            return keras.tree.flatten(layer(*args, **kwargs))
+        first = id(layer) not in built
+        if first:
+            built[id(layer)] = copy_layer(layer)
+        outputs = keras.tree.flatten(built[id(layer)](*args, **kwargs))
+        if first:
+            if op.arrays is not None:
+                built[id(layer)].set_weights(op.arrays)
+            else:
+                copy_state(layer, built[id(layer)])
+        return outputs
+
+    return rebuild(graph, emit, name=model.name)

@@ -23,6 +23,7 @@ from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
 from keras.src.models.functional import Functional
 
 from keras_psp.cloning import check_graph_model
+from keras_psp.groups import ChannelGroups
 from keras_psp.surgery.graph import flatten
 from keras_psp.wrapper import PSP
 
@@ -40,7 +41,7 @@ ZERO_MAC_TYPES = tuple(
     for module, name in (("keras.src.applications.convnext", "LayerScale"),)
     for cls in [getattr(__import__(module, fromlist=[name]), name, None)]
     if cls is not None
-)
+) + (ChannelGroups,)  # group α: a per-channel scale that folds into its reader
 
 
 def register_macs(*layer_types: type) -> Callable[[MacFunction], MacFunction]:

@@ -41,9 +41,7 @@ def scores(layer) -> np.ndarray:
     alpha = np.abs(np.ravel(keras.ops.convert_to_numpy(layer.effective_alpha())))
     if layer.structure == "layer":
         return np.where(kept, np.abs(np.ravel(keras.ops.convert_to_numpy(layer.alpha))), 0.0)
-    kernel = np.asarray(keras.ops.convert_to_numpy(getattr(layer.layer, layer.plan.kernel)),
-                        "float64")
-    norms = np.sqrt(np.ravel(layer.plan.reduce(kernel**2)))
+    norms = np.ravel(layer.norms())
     value = np.where(kept, alpha.astype("float64") * norms, 0.0)
     if not kept.any():
         return value
@@ -133,7 +131,7 @@ def _fraction(model, layers, alphas, owner, index) -> int:
     trial = [a.copy() for a in alphas]
     for i, j in zip(owner, index, strict=True):
         trial[i][j] = 0.0
-    values = {id(layer): a.reshape(tuple(layer.alpha.shape))
+    values = {id(layer.alpha): a.reshape(tuple(layer.alpha.shape))
               for layer, a in zip(layers, trial, strict=True)}
     return slim_flops(model, values)
 

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from keras_psp.cloning import psp_layers
+from keras_psp.groups import ChannelGroups, group_views
 from keras_psp.flops import _check, layer_flops
 from keras_psp.stats import FLOOR, layer_stats, model_stats
 from keras_psp.surgery.graph import flatten
@@ -91,7 +92,17 @@ def summary(
     flops_before, flops_after = layer_flops(model), layer_flops(slim_model)
     after = _layers(slim_model)
     rows, paired = [], set()
+    views = {}
+    for group in group_views(model):
+        views.setdefault(id(group.layer), []).append(group)
     for name, layer in _layers(model).items():
+        if isinstance(layer, ChannelGroups):  # α only: one row per group, nothing deployed
+            for group in views.get(id(layer), []):
+                stats = layer_stats(group)
+                rows.append(dict(name=group.name, type="channel group", structure=group.structure,
+                                 kept=stats.total - stats.cut, total=stats.total, flops_before=0,
+                                 flops_after=0, params_before=0, params_after=0))
+            continue
         inner = layer.layer if isinstance(layer, PSP) else layer
         params = _n_params(inner)
         if not params and not flops_before.get(name):

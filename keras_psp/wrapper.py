@@ -237,6 +237,11 @@ class PSP(keras.layers.Wrapper):
         keep = keep_mask(self.alpha, self.threshold, self.structure)
         return np.asarray(ops.convert_to_numpy(keep), dtype=bool)
 
+    def norms(self) -> np.ndarray:
+        """ℓ2 norm of each structure's kernel entries (α not applied), shaped as α."""
+        kernel = np.asarray(ops.convert_to_numpy(getattr(self.layer, self.plan.kernel)), "float64")
+        return np.sqrt(self.plan.reduce(kernel**2))
+
     def own_param_count(self) -> int:
         """Entries of the variables PSP adds (α and its strength): what `strip` drops."""
         own = [v for v in (self.alpha, self.alpha_strength) if v is not None]

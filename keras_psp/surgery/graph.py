@@ -140,8 +140,10 @@ def unwrap(graph: Graph, alphas: dict | None = None) -> Graph:
     Args:
         graph: The flat graph (changed in place and returned).
         alphas: α values to fold instead of the layers' own, by `id` of the
-            PSP layer (candidate cuts); layers not in it fold their own α.
+            α variable (of a PSP layer or a channel group; candidate cuts);
+            the others fold their own α.
     """
+    from keras_psp.groups import fold_groups
     from keras_psp.wrapper import PSP
 
     folded = {}
@@ -149,9 +151,11 @@ def unwrap(graph: Graph, alphas: dict | None = None) -> Graph:
         if isinstance(op.layer, PSP):
             wrapper = op.layer
             if id(wrapper) not in folded:  # a shared layer folds once
-                folded[id(wrapper)] = wrapper.folded_weights((alphas or {}).get(id(wrapper)))
+                folded[id(wrapper)] = wrapper.folded_weights(
+                    (alphas or {}).get(id(wrapper.alpha)))
             op.arrays = folded[id(wrapper)]
             op.layer = wrapper.layer
+    fold_groups(graph, alphas)
     return graph
 
 

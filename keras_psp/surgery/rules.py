@@ -25,6 +25,7 @@ import numpy as np
 from keras import layers as L
 
 from keras_psp.copying import copy_layer
+from keras_psp.groups import ChannelGroups
 from keras_psp.surgery.graph import width
 
 
@@ -353,6 +354,7 @@ register_rule(ConvTransposeRule(), L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3
 register_rule(DenseRule(), L.Dense)
 register_rule(SeparableRule(), L.SeparableConv1D, L.SeparableConv2D)
 register_rule(Fixed(), *KNOWN_FIXED)
+register_rule(Passthrough(), ChannelGroups)  # per-channel; `unwrap` folds it into its reader
 
 
 def _register_optional() -> None:
