@@ -8,7 +8,11 @@
    (consumers gather their own inputs from the residual stream), the latter
    also with `gather=False`, `multiple_of=8` and both; reported against the
    FLOPs ratio.
-3. tensorflow-model-optimization's magnitude pruning at 50 % sparsity, in
+3. Group α (`wrap(structure="group")`): one α per coupled channel, set at
+   random and cut by `prune_to(flops=0.5, multiple_of=8)`: no gathers and
+   aligned widths, against the same widths built by hand (`--group-only`
+   runs just these rows).
+4. tensorflow-model-optimization's magnitude pruning at 50 % sparsity, in
    tf_keras, exported to TFLite, in its own process (`tfmot_baseline.py`):
    unstructured zeros, same dense kernels.
 
@@ -86,6 +90,52 @@ def gathers(model) -> int:
     return sum(type(op.layer).__name__ == "Take" for op in flatten(model).ops)
 
 
+def group_cut(flops: float, multiple_of: int | None, rng) -> tuple[keras.Model, keras.Model]:
+    """Wrapped ResNet-56 with random group α cut by `prune_to`, and the same
+    widths built by hand."""
+    from keras_psp import prune_to
+    from keras_psp.groups import group_views
+
+    model = wrap(cifar_resnet(DEPTH, WIDTHS), structure="group")
+    for group in group_views(model):
+        group.alpha.assign(rng.uniform(0.1, 1.0, group.alpha.shape).astype("float32"))
+    prune_to(model, flops, multiple_of=multiple_of)
+    small = slim(model)
+    filters = {layer.name: layer.filters for layer in small.layers if hasattr(layer, "filters")}
+    stream = tuple(filters[f"s{s}b1b_conv"] for s in (1, 2, 3))
+    inner = [filters[f"s{s}b{b}a_conv"] for s in (1, 2, 3) for b in range(1, BLOCKS + 1)]
+    return model, cifar_resnet(DEPTH, stream, inner_widths=inner)
+
+
+def group_rows(x128, x1, rounds: int) -> None:
+    """Group α against the unpruned and the hand-built ResNet-56."""
+    base = cifar_resnet(DEPTH, WIDTHS)
+    models = {"unpruned": base}
+    for label, multiple in (("group, multiple_of=8", 8), ("group, any width", None)):
+        wrapped, hand = group_cut(0.5, multiple, np.random.default_rng(2))
+        models[label] = slim(wrapped, check_inputs=x128[:8])
+        models[f"  hand-built ({label.split(', ')[1]})"] = hand
+    t = latencies(models, x128, x1, rounds)
+    flops = {k: count_flops(m) for k, m in models.items()}
+    rows = []
+    for k, m in models.items():
+        ratio = flops[k] / flops["unpruned"]
+        xla, lite = t["unpruned"][0] / t[k][0], t["unpruned"][1] / t[k][1]
+        rows.append((k, f"{ratio:.3f}", gathers(m), f"{t[k][0]:.1f}", f"{t[k][1]:.2f}",
+                     f"{xla:.2f}x", f"{lite:.2f}x", f"{xla * ratio:.2f}", f"{lite * ratio:.2f}"))
+    print_table(f"ResNet-56 group α cut to 0.5x FLOPs; medians of {rounds} XLA / {rounds * 2} "
+                "LiteRT rounds", rows,
+                ("model", "FLOPs ratio", "gathers", "XLA b128 ms", "LiteRT b1 ms",
+                 "XLA speedup", "LiteRT speedup", "XLA of ideal", "LiteRT of ideal"))
+    key = "group, multiple_of=8"
+    hand = "  hand-built (multiple_of=8)"
+    print(f"\ngroup slim / hand-built latency: XLA b128 {t[key][0] / t[hand][0]:.3f}, "
+          f"LiteRT b1 {t[key][1] / t[hand][1]:.3f}")
+    print(f"group α (multiple_of=8) speedup: XLA b128 {t['unpruned'][0] / t[key][0]:.2f}x, "
+          f"LiteRT b1 {t['unpruned'][1] / t[key][1]:.2f}x at {flops[key] / flops['unpruned']:.3f}"
+          " of the FLOPs")
+
+
 def latencies(models: dict, x128, x1, rounds: int) -> dict:
     xla = interleaved({k: xla_runner(m, x128) for k, m in models.items()}, rounds)
     lite = interleaved(
@@ -99,6 +149,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few rounds (smoke run)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--skip-tfmot", action="store_true")
+    parser.add_argument("--group-only", action="store_true", help="only the group α rows")
     parser.add_argument("--overhead-only", action="store_true",
                         help="only slim vs hand-built, with twice the rounds")
     args = parser.parse_args()
@@ -106,6 +157,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x128 = rng.random((128, 32, 32, 3)).astype("float32")
     x1 = x128[:1]
+    if args.group_only:
+        group_rows(x128, x1, rounds)
+        return
 
     wrapped, stream, inner = uniform_cut(0.7, rng)
     uniform = slim(wrapped, check_inputs=x128[:8])
@@ -167,6 +221,7 @@ def main() -> None:
     print_table("Speedup against the unpruned ResNet-56", speed,
                 ("model", "FLOPs ratio", "XLA b128 speedup", "LiteRT b1 speedup"))
     print(f"\nslim / hand-built latency: XLA b128 {overhead[0]:.3f}, LiteRT b1 {overhead[1]:.3f}")
+    group_rows(x128, x1, rounds)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,9 @@ class FlopsBudget(keras.callbacks.Callback):
             no recalibration.
         recalibration_steps: Batches of `recalibrate` used each time.
         verbose: 1 prints one line per epoch; 0 is silent.
+        multiple_of: Cut in blocks so that every PSP layer and channel group
+            keeps a multiple of this many structures (`keras_psp.prune_to`);
+            with `structure="group"` the slim model's widths are multiples.
 
     Example:
 
@@ -112,8 +115,8 @@ class FlopsBudget(keras.callbacks.Callback):
 
     def __init__(self, target: float = 0.5, begin: float = 0.0, end: float = 0.5,
                  checks_per_epoch: int = 4, allocation: str = "uniform", min_keep: int = 1,
-                 recalibrate=None,
-                 recalibration_steps: int = 16, verbose: int = 1):
+                 recalibrate=None, recalibration_steps: int = 16, verbose: int = 1,
+                 multiple_of: int | None = None):
         super().__init__()
         for name, value, ok, what in (
             ("target", target, 0 < target <= 1, "in (0, 1] (a fraction of the unpruned FLOPs)"),
@@ -124,6 +127,9 @@ class FlopsBudget(keras.callbacks.Callback):
             ("min_keep", min_keep, isinstance(min_keep, int) and min_keep >= 1, "an integer >= 1"),
             ("recalibration_steps", recalibration_steps,
              isinstance(recalibration_steps, int) and recalibration_steps >= 1, "an integer >= 1"),
+            ("multiple_of", multiple_of, multiple_of is None or (
+                isinstance(multiple_of, int) and not isinstance(multiple_of, bool)
+                and multiple_of >= 1), "a positive integer or None"),
         ):
             if not ok:
                 raise ValueError(f"FlopsBudget: `{name}` must be {what}, got {value!r}.")
@@ -133,7 +139,7 @@ class FlopsBudget(keras.callbacks.Callback):
                              f"{allocation!r}.")
         self.checks_per_epoch, self.min_keep, self.allocation = checks_per_epoch, min_keep, allocation
         self.recalibration_data, self.recalibration_steps = recalibrate, recalibration_steps
-        self.verbose = verbose
+        self.verbose, self.multiple_of = verbose, multiple_of
         self.history, self.checks, self.fraction = [], [], None
         self._started, self._in_fit, self._epoch_end_done, self._stale = False, False, False, False
         if checks_per_epoch > 1:  # only then: a batch hook turns off async dispatch
@@ -158,7 +164,7 @@ class FlopsBudget(keras.callbacks.Callback):
 
     def _start(self):
         self._layers = _require_psp_layers(self.model, "FlopsBudget", graph=True)
-        smallest = reachable(self.model, self.min_keep)
+        smallest = reachable(self.model, self.min_keep, self.multiple_of)
         if smallest > self.target:
             raise ValueError(
                 f"FlopsBudget: the target {self.target:.3f} cannot be reached on model "
@@ -198,7 +204,8 @@ class FlopsBudget(keras.callbacks.Callback):
         before = self.fraction = slim_flops(self.model) / self._unpruned()
         if self.fraction > goal:
             cut = prune_to(self.model, goal, allocation=self.allocation, min_keep=self.min_keep,
-                           optimizer=getattr(self.model, "optimizer", None))
+                           optimizer=getattr(self.model, "optimizer", None),
+                           multiple_of=self.multiple_of)
             self.fraction = cut.flops
             self._stale = self._stale or cut.count > 0
         self.checks.append({"epochs": done, "goal": goal, "before": before,

@@ -99,38 +99,56 @@ def zero_structures(layer, entries: np.ndarray, optimizer=None) -> None:
         variable.assign(value.reshape(tuple(variable.shape)).astype(variable.dtype))
 
 
-def _candidates(layers, min_keep: int, allocation: str = "uniform"):
-    """α of the layers (flat), and the structures that may be cut, in cutting
-    order: (α list, owning layer index, flat index into its α).
+def _candidates(layers, min_keep: int, allocation: str = "uniform",
+                multiple_of: int | None = None):
+    """α of the layers (flat), and the blocks of structures that may be cut,
+    in cutting order: (α list, owning layer index per block, blocks of flat
+    indices into its α).
 
     "global" orders all structures by `scores`; "uniform" takes each layer's
     structures lowest score first, interleaved so that every layer has lost
     about the same fraction of its structures at any point of the order.
+    `multiple_of` (None: each layer's or group's own, `PSP.multiple_of`)
+    of 1 makes every block one structure; with more, a layer's
+    first block brings its kept count down to a multiple and the next ones
+    take `multiple_of` structures each, so that any prefix of the order
+    leaves every layer a multiple of `multiple_of` structures (at least
+    `multiple_of`, and at least `min_keep`).
     """
     alphas = [np.ravel(keras.ops.convert_to_numpy(layer.alpha)).astype("float32")
               for layer in layers]
-    owner, index, order_key = [], [], []
+    owner, blocks, order_key = [], [], []
     for i, layer in enumerate(layers):
+        aligned = multiple_of if multiple_of is not None else getattr(layer, "multiple_of", None)
+        step = aligned or 1
         score = scores(layer)
         kept = np.flatnonzero(np.ravel(layer.mask()))
         ranked = kept[np.argsort(score[kept], kind="stable")]
-        candidates = ranked[: max(len(ranked) - min_keep, 0)]
-        owner += [i] * len(candidates)
-        index += list(candidates)
-        if allocation == "global":
-            order_key += list(score[candidates])
-        else:  # the fraction of the layer cut once this one goes (cut ones counted)
-            done = score.size - len(ranked)
-            order_key += [(done + r + 1) / score.size for r in range(len(candidates))]
+        floor = -(-max(min_keep, step) // step) * step
+        if len(ranked) < floor:
+            continue  # too few kept to lose any block and stay aligned
+        candidates = ranked[: max(len(ranked) - floor, 0)]
+        sizes = [len(ranked) % step] if len(ranked) % step else []
+        sizes += [step] * ((len(candidates) - sum(sizes)) // step)
+        at, done = 0, score.size - len(ranked)
+        for size in sizes:
+            block = candidates[at:at + size]
+            at += size
+            owner.append(i)
+            blocks.append(block)
+            if allocation == "global":
+                order_key.append(float(np.max(score[block])))
+            else:  # the fraction of the layer cut once this block goes (cut ones counted)
+                order_key.append((done + at) / score.size)
     order = np.argsort(np.asarray(order_key), kind="stable")
-    return alphas, np.asarray(owner, int)[order], np.asarray(index, int)[order]
+    return alphas, np.asarray(owner, int)[order], [blocks[k] for k in order]
 
 
-def _fraction(model, layers, alphas, owner, index) -> int:
-    """`slim_flops` with the given structures cut (nothing is assigned)."""
+def _fraction(model, layers, alphas, owner, blocks) -> int:
+    """`slim_flops` with the given blocks of structures cut (nothing is assigned)."""
     trial = [a.copy() for a in alphas]
-    for i, j in zip(owner, index, strict=True):
-        trial[i][j] = 0.0
+    for i, block in zip(owner, blocks, strict=True):
+        trial[i][block] = 0.0
     values = {id(layer.alpha): a.reshape(tuple(layer.alpha.shape))
               for layer, a in zip(layers, trial, strict=True)}
     return slim_flops(model, values)
@@ -146,17 +164,17 @@ def _layerwise_note(layers) -> str:
             "`min_keep` structure; use channel, filter or column structures there.")
 
 
-def reachable(model: keras.Model, min_keep: int = 1) -> float:
+def reachable(model: keras.Model, min_keep: int = 1, multiple_of: int | None = None) -> float:
     """The smallest FLOPs fraction cutting can reach: every structure cut but
-    `min_keep` per PSP layer (the rest of the FLOPs sits in layers PSP does not
-    wrap, or that surgery keeps whole)."""
+    `min_keep` per PSP layer or group (the rest of the FLOPs sits in layers PSP
+    does not wrap, or that surgery keeps whole)."""
     layers = psp_layers(model)
-    alphas, owner, index = _candidates(layers, min_keep)
-    return _fraction(model, layers, alphas, owner, index) / max(count_flops(model), 1)
+    alphas, owner, blocks = _candidates(layers, min_keep, multiple_of=multiple_of)
+    return _fraction(model, layers, alphas, owner, blocks) / max(count_flops(model), 1)
 
 
 def prune_to(model: keras.Model, flops: float, allocation: str = "uniform", min_keep: int = 1,
-             optimizer=None, verbose: int = 0) -> Cut:
+             optimizer=None, verbose: int = 0, multiple_of: int | None = None) -> Cut:
     """Cuts the lowest-ranked structures until the slim model has `flops` × the FLOPs.
 
     Structures already cut stay cut; the others are ranked by `scores` and
@@ -179,6 +197,13 @@ def prune_to(model: keras.Model, flops: float, allocation: str = "uniform", min_
         optimizer: Its slots (momentum) for the cut α are zeroed too; None:
             `model.optimizer` when the model is compiled.
         verbose: 1 prints the `Cut`.
+        multiple_of: Cut in blocks so that every PSP layer and channel group
+            keeps a multiple of this many structures (at least one block):
+            with `structure="group"`, the slim model's widths are then
+            multiples of it, which vectorized CPU kernels run much faster.
+            None: each layer's or group's own `multiple_of` (8 for groups,
+            none for PSP layers, unless `wrap` was told otherwise); 1: any
+            count.
 
     Returns:
         A `Cut`: the FLOPs fraction reached and what was cut.
@@ -202,6 +227,10 @@ def prune_to(model: keras.Model, flops: float, allocation: str = "uniform", min_
                          f"model's FLOPs), got {flops!r}.")
     if not isinstance(min_keep, int) or min_keep < 1:
         raise ValueError(f"prune_to: `min_keep` must be an integer >= 1, got {min_keep!r}.")
+    if multiple_of is not None and (isinstance(multiple_of, bool) or not isinstance(
+            multiple_of, int) or multiple_of < 1):
+        raise ValueError(f"prune_to: `multiple_of` must be a positive integer or None, got "
+                         f"{multiple_of!r}.")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"prune_to: `allocation` must be one of {ALLOCATIONS}, got "
                          f"{allocation!r}.")
@@ -213,10 +242,10 @@ def prune_to(model: keras.Model, flops: float, allocation: str = "uniform", min_
     if optimizer is None:
         optimizer = getattr(model, "optimizer", None)
     total_flops = max(count_flops(model), 1)
-    alphas, owner, index = _candidates(layers, min_keep, allocation)
+    alphas, owner, blocks = _candidates(layers, min_keep, allocation, multiple_of)
 
     def fraction(k: int) -> float:
-        return _fraction(model, layers, alphas, owner[:k], index[:k]) / total_flops
+        return _fraction(model, layers, alphas, owner[:k], blocks[:k]) / total_flops
 
     before = fraction(0)
     low, high = 0, len(owner)
@@ -238,8 +267,8 @@ def prune_to(model: keras.Model, flops: float, allocation: str = "uniform", min_
     else:
         high = 0
     newly: dict[int, list] = {}
-    for i, j in zip(owner[:high], index[:high], strict=True):
-        newly.setdefault(int(i), []).append(int(j))
+    for i, block in zip(owner[:high], blocks[:high], strict=True):
+        newly.setdefault(int(i), []).extend(int(j) for j in block)
     for i, layer in enumerate(layers):
         zero_structures(layer, np.asarray(newly.get(i, []), int), optimizer)
     cut_now = sum(int(np.size(layer.mask()) - np.sum(layer.mask())) for layer in layers)

@@ -22,7 +22,7 @@ DEFAULT_STRENGTH = DEFAULT_STRENGTHS[DEFAULT_PENALTY]
 DEFAULT_THRESHOLD = 1e-2
 
 
-def keep_mask(alpha, threshold: float, structure: str):
+def keep_mask(alpha, threshold: float, structure: str, multiple_of: int | None = None):
     """The pruning rule, in `keras.ops`: True where a structure is kept.
 
     A structure is cut when its |α| is zero or smaller than `threshold` times
@@ -34,17 +34,40 @@ def keep_mask(alpha, threshold: float, structure: str):
     with, so it is cut when |α| falls below `threshold` times its initial
     value 1.
 
+    With `multiple_of`, the number kept is rounded up to a multiple of it
+    (or to all of them): the largest |α| below the threshold are kept too,
+    and ties go to keeping. α that are exactly 0 always stay cut, so a cut
+    made in blocks (`keras_psp.prune_to`) keeps its multiples.
+
     Args:
         alpha: α values (any shape).
         threshold: Relative threshold in [0, 1); 0 cuts only α that are exactly 0.
         structure: The structure name.
+        multiple_of: Keep a multiple of this many structures; None: any count.
     """
     magnitude = ops.abs(ops.cast(alpha, "float32"))
     if structure == "layer":
         reference = ops.ones_like(ops.max(magnitude))
     else:
         reference = ops.max(magnitude)
-    return ops.logical_and(magnitude > 0, magnitude >= threshold * reference)
+    keep = ops.logical_and(magnitude > 0, magnitude >= threshold * reference)
+    if not multiple_of or multiple_of <= 1:
+        return keep
+    flat = ops.reshape(magnitude, (-1,))
+    size = int(flat.shape[0])
+    kept = ops.sum(ops.cast(keep, "int32"))
+    rounded = ops.minimum(((kept + multiple_of - 1) // multiple_of) * multiple_of, size)
+    descending = ops.flip(ops.sort(flat), axis=0)
+    floor = ops.take(descending, ops.maximum(rounded - 1, 0))  # the smallest |α| kept
+    return ops.logical_or(keep, ops.logical_and(magnitude > 0, magnitude >= floor))
+
+
+def check_multiple_of(value, who: str) -> None:
+    """Raises a clear ValueError unless `value` is None or a positive integer."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 1):
+        raise ValueError(f"{who}: `multiple_of` must be a positive integer or None, got "
+                         f"{value!r}.")
 
 
 @keras.saving.register_keras_serializable(package="keras_psp")
@@ -77,6 +100,9 @@ class PSP(keras.layers.Wrapper):
         strength: Strength of the `"relative_l1"`/`"l2"`/`"l1"` penalty.
             Defaults to `keras_psp.penalties.DEFAULT_STRENGTH` (5e-3 for
             "relative_l1", 2e-2 for "l2" and "l1").
+        multiple_of: Keep a multiple of this many structures (see
+            `keep_mask`); `keras_psp.prune_to` and `FlopsBudget` then cut in
+            blocks of it. None (the default): any count.
         **kwargs: Base layer arguments (`name`, `dtype`...). The name defaults
             to the wrapped layer's name.
 
@@ -97,6 +123,7 @@ class PSP(keras.layers.Wrapper):
         threshold: float = DEFAULT_THRESHOLD,
         regularizer=DEFAULT_PENALTY,
         strength: float | None = None,
+        multiple_of: int | None = None,
         **kwargs,
     ):
         name = getattr(layer, "name", repr(layer))
@@ -134,11 +161,13 @@ class PSP(keras.layers.Wrapper):
             raise ValueError(
                 f"`threshold` must be in [0, 1), got {threshold} for layer '{name}'."
             )
+        check_multiple_of(multiple_of, f"PSP layer '{name}'")
         kwargs.setdefault("name", layer.name)
         kwargs.setdefault("dtype", layer.dtype_policy)
         super().__init__(layer, **kwargs)
         self.structure = structure
         self.threshold = float(threshold)
+        self.multiple_of = multiple_of
         self.alpha_regularizer = get_penalty(regularizer, strength)
         self.alpha_strength = None
         self.plan = None
@@ -206,7 +235,8 @@ class PSP(keras.layers.Wrapper):
                 candidate cut; None: the layer's own.
         """
         alpha = ops.convert_to_tensor(self.alpha if alpha is None else alpha, "float32")
-        keep = ops.cast(keep_mask(alpha, self.threshold, self.structure), alpha.dtype)
+        keep = ops.cast(keep_mask(alpha, self.threshold, self.structure, self.multiple_of),
+                        alpha.dtype)
         alpha = alpha * keep
         if self.relative:  # α relative to the RMS of the kept α
             mean_square = ops.sum(ops.square(alpha)) / ops.maximum(ops.sum(keep), 1.0)
@@ -234,7 +264,7 @@ class PSP(keras.layers.Wrapper):
 
     def mask(self) -> np.ndarray:
         """Numpy bool array of α's shape, True where a structure is kept."""
-        keep = keep_mask(self.alpha, self.threshold, self.structure)
+        keep = keep_mask(self.alpha, self.threshold, self.structure, self.multiple_of)
         return np.asarray(ops.convert_to_numpy(keep), dtype=bool)
 
     def norms(self) -> np.ndarray:
@@ -292,6 +322,7 @@ class PSP(keras.layers.Wrapper):
             {
                 "structure": self.structure,
                 "threshold": self.threshold,
+                "multiple_of": self.multiple_of,
                 "regularizer": keras.regularizers.serialize(self.alpha_regularizer)
                 if self.alpha_regularizer is not None
                 else None,

@@ -39,6 +39,7 @@ JAX_SUBSET = {
     "test_pruning.py": ("trained_model",),
     "test_distributed.py": None,
     "test_distributed_jax.py": None,
+    "test_groups.py": ("keep_mask", "training_moves_group_alpha", "tying"),
 }
 _CLONING_EXCLUDED = ("keras_applications", "nested_application", "convnext")
 
