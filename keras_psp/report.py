@@ -16,8 +16,8 @@ import keras
 import numpy as np
 
 from keras_psp.cloning import psp_layers
-from keras_psp.groups import ChannelGroups, group_views
 from keras_psp.flops import _check, layer_flops
+from keras_psp.groups import ChannelGroups, group_views
 from keras_psp.stats import FLOOR, layer_stats, model_stats
 from keras_psp.surgery.graph import flatten
 from keras_psp.wrapper import PSP
