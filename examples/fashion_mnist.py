@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate of training")
     p.add_argument("--prune-lr", type=float, default=0.03,
                    help="peak SGD learning rate while pruning a trained model")
-    p.add_argument("--structure", default="channel", choices=keras_psp.STRUCTURES)
+    p.add_argument("--structure", default="channel", choices=(*keras_psp.STRUCTURES, "group"))
     p.add_argument("--regularizer", default=keras_psp.penalties.DEFAULT_PENALTY,
                    choices=keras_psp.penalties.NAMES, help="the penalty on α")
     p.add_argument("--strength", type=float, default=None,
