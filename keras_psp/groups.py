@@ -261,8 +261,9 @@ class Group:
 
     structure = GROUP
 
-    def __init__(self, layer: ChannelGroups, index: int, model: keras.Model):
+    def __init__(self, layer: ChannelGroups, index: int, model: keras.Model, sites=None):
         self.layer, self.index, self._model = layer, index, model
+        self._sites = sites or _Sites(model, layer)
 
     @property
     def name(self) -> str:
@@ -327,7 +328,7 @@ class Group:
 
     def readers(self) -> list[str]:
         """Names of the layers that read this group."""
-        return [op.layer.name for op, index in reader_sites(self._model, self.layer)
+        return [op.layer.name for op, index in self._sites()
                 if np.any(decode(index)[:, 0] == self.index)]
 
     def norms(self) -> np.ndarray:
@@ -336,7 +337,7 @@ class Group:
 
         total = np.zeros(self.layer.widths[self.index])
         seen = set()
-        for op, index in reader_sites(self._model, self.layer):
+        for op, index in self._sites():
             table = decode(index)
             mine = table[:, 0] == self.index
             if not mine.any() or id(op.layer) in seen:
@@ -363,8 +364,23 @@ def group_layers(model) -> list[ChannelGroups]:
 
 def group_views(model) -> list[Group]:
     """One `Group` per channel group of `model`, in the order of their layer."""
-    return [Group(layer, i, model) for layer in group_layers(model)
-            for i in range(len(layer.widths))]
+    views = []
+    for layer in group_layers(model):
+        sites = _Sites(model, layer)
+        views += [Group(layer, i, model, sites) for i in range(len(layer.widths))]
+    return views
+
+
+class _Sites:
+    """`reader_sites` of one layer, found once for all its groups' views."""
+
+    def __init__(self, model, layer):
+        self.model, self.layer, self._value = model, layer, None
+
+    def __call__(self) -> list[tuple]:
+        if self._value is None:
+            self._value = reader_sites(self.model, self.layer)
+        return self._value
 
 
 def reader_sites(model, layer: ChannelGroups) -> list[tuple]:
@@ -535,13 +551,17 @@ def fold_groups(graph, alphas: dict | None = None) -> None:
     if not calls:
         return
     readers = graph.consumers()
-    alias = {}
+    alias, effective = {}, {}
     for op in calls:
         layer = op.layer
-        candidate = {g: (alphas or {})[id(a)] for g, a in enumerate(layer.alphas)
-                     if id(a) in (alphas or {})}
-        index = op.node.arguments.kwargs.get("index", "")
-        scale = np.asarray(ops.convert_to_numpy(layer.scales(index, candidate)), "float32")
+        if id(layer) not in effective:  # each group's effective α, once per layer
+            effective[id(layer)] = [
+                np.asarray(ops.convert_to_numpy(layer.effective_alpha(
+                    g, (alphas or {}).get(id(a)))), "float32")
+                for g, a in enumerate(layer.alphas)]
+        table = decode(op.node.arguments.kwargs.get("index", ""))
+        values = effective[id(layer)]
+        scale = np.array([1.0 if g < 0 else values[g][p] for g, p in table], "float32")
         alias[op.outputs[0]] = op.inputs[0]
         for reader in readers.get(op.outputs[0], []):
             inner = reader.layer

@@ -61,7 +61,11 @@ def test_main_job_trains_saves_and_reports(tmp_path, capsys):
     np.testing.assert_allclose(lite.get_tensor(lite.get_output_details()[0]["index"]),
                                wrapped.predict(x1, verbose=0), rtol=1e-4, atol=1e-5)
     plain = keras.saving.load_model(result["slim_path"])
-    assert len(psp_layers(wrapped)) == 10 and not psp_layers(plain)
+    # the default: group α, one per channel group (stem stream, 2 stage streams, 3 inner widths)
+    assert len(psp_layers(wrapped)) == 6 and not psp_layers(plain)
+    assert all(g.structure == "group" for g in psp_layers(wrapped))
+    assert not any(type(layer).__name__ == "Take" for layer in plain.layers)  # no gathers
+    assert all(layer.filters % 8 == 0 for layer in plain.layers if hasattr(layer, "filters"))
     x = np.random.default_rng(0).random((8, 28, 28, 1)).astype("float32")
     np.testing.assert_allclose(plain.predict(x, verbose=0), wrapped.predict(x, verbose=0),
                                rtol=1e-5, atol=1e-6)
@@ -72,8 +76,8 @@ def test_main_job_flags():
     args = job.parse_args(["--epochs", "30", "--structure", "filter", "--strength", "0.01"])
     assert (args.epochs, args.structure, args.strength) == (30, "filter", 0.01)
     default = job.parse_args([])
-    assert (default.workflow, default.target, default.regularizer) == (
-        "trained", 0.5, "relative_l1")
+    assert (default.workflow, default.target, default.regularizer, default.structure) == (
+        "trained", 0.5, "relative_l1", "group")
     for bad in (["--target", "0"], ["--target", "1.5"], ["--prune-epochs", "0"]):
         with pytest.raises(SystemExit):
             job.parse_args(bad)
