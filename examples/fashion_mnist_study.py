@@ -8,14 +8,15 @@ model's) and equal training budgets: N training epochs, then k more.
 - **from the trained model** (every method starts from the seed's trained
   unpruned model and gets the same k epochs): `keras_psp.prune` with the
   default penalty (`relative_l1`), the paper's L2 and L1 on α, each with
-  `channel` and `column` structures; the ℓ1-norm filter criterion (Li et
+  `channel` and `column` structures, and the default penalty with group α
+  (`group`: one α per coupled channel group, widths in multiples of 8); the ℓ1-norm filter criterion (Li et
   al. 2017) + fine-tuning; tensorflow-model-optimization magnitude pruning at
   50 % and 2:4, fine-tuned (tf_keras, its own process).
 - **from scratch** (N + k epochs in all): PSP with `FlopsBudget`, default and
-  L2 penalties, `channel`; BN-scale network slimming (Liu et al. 2017), N
+  L2 penalties, `channel`, and default `group`; BN-scale network slimming (Liu et al. 2017), N
   epochs with L1 on γ, pruned, k epochs of fine-tuning.
 
-The unpruned model, the default PSP rows and the two baselines (ℓ1-norm,
+The unpruned model, the default PSP rows (channel and group) and the two baselines (ℓ1-norm,
 BN-slimming) run `--seeds` seeds at the first target; the other rows and the
 second target one seed. Every final model (seed 0) is converted to a
 float32 LiteRT file and timed at batch 1 in one interleaved loop. Writes
@@ -64,9 +65,10 @@ METHODS = ("baseline", *psp_runs.VARIANTS, "l1norm", "bnslim", "tfmot")
 DEFAULT_METHODS = ("baseline", "trained_default_channel", "trained_default_column",
                    "trained_l2_channel", "trained_l2_column", "trained_l1_channel",
                    "trained_l1_column", "scratch_default_channel", "scratch_l2_channel",
-                   "l1norm", "bnslim", "tfmot")
+                   "trained_default_group", "scratch_default_group", "l1norm", "bnslim", "tfmot")
 #: Rows with `--seeds` seeds at the first target, and the only rows at the others.
-SEEDED = ("baseline", "trained_default_channel", "scratch_default_channel", "l1norm", "bnslim")
+SEEDED = ("baseline", "trained_default_channel", "scratch_default_channel",
+          "trained_default_group", "scratch_default_group", "l1norm", "bnslim")
 QUICK = {"train_limit": 384, "test_limit": 500, "epochs": 1, "finetune_epochs": 1, "seeds": 1,
          "rounds": 5}
 FULL = {"train_limit": Config.train_limit, "test_limit": None, "epochs": Config.epochs,

@@ -13,7 +13,8 @@ with:
   `slim` and `recalibrate`; BN-slimming trains N epochs and fine-tunes k.
 
 Each variant is a penalty on α (the default scale-invariant "relative_l1",
-the paper's "l2", or "l1") and a structure (`channel`, `column`).
+the paper's "l2", or "l1") and a structure (`channel`, `column`, or `group`:
+one α per coupled channel group, widths in multiples of 8).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ VARIANTS = {
                                        "relative_l1" if penalty == "default" else penalty)
     for track in ("trained", "scratch")
     for penalty in ("default", "l2", "l1")
-    for structure in ("channel", "column")
+    for structure in ("channel", "column", "group")
 }
 #: Examples whose BN statistics the slim models are recalibrated on.
 RECALIBRATION = 4096
