@@ -7,6 +7,10 @@ bash scripts/setup.sh test
 PYTHON="${PYTHON:-python3}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 WORKERS="${PSP_TEST_WORKERS:-2}"
+# The tests' programs are tiny and compiled once: XLA's backend optimizations
+# cost more than they save (a JAX two-process worker: 50 s -> 27 s of CPU).
+# The programs are the same; only their machine code is less optimized.
+export XLA_FLAGS="${XLA_FLAGS:---xla_backend_optimization_level=0}"
 echo "== tests, TensorFlow backend"
 KERAS_BACKEND=tensorflow "$PYTHON" -m pytest -q -n "$WORKERS" --dist worksteal --durations=25 "$@"
 echo "== tests, JAX backend (the subset in tests/conftest.py)"
