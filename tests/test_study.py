@@ -76,6 +76,9 @@ def test_study_flags():
         30000, 6, 3, 3, "RESULTS.md")
     assert full.methods == list(study.DEFAULT_METHODS) and full.targets == [0.5, 0.3]
     assert set(study.DEFAULT_METHODS) <= set(study.METHODS)
+    labels = sys.modules["study.report"].LABELS  # every row the study can run has a label
+    assert set(sys.modules["study.psp_runs"].VARIANTS) <= set(labels)
+    assert {"trained_default_group", "scratch_default_group"} <= set(study.SEEDED)
     assert study.seeds_for("l1norm", 0.5, full) == 3 and study.seeds_for("l1norm", 0.3, full) == 1
     assert study.seeds_for("trained_l2_channel", 0.5, full) == 1
     quick = study.parse_args(["--quick", "--out", "x", "--epochs", "2"])
