@@ -11,7 +11,8 @@
 3. Group α (`wrap(structure="group")`): one α per coupled channel, set at
    random and cut by `prune_to(flops=0.5, multiple_of=8)`: no gathers and
    aligned widths, against the same widths built by hand (`--group-only`
-   runs just these rows).
+   runs just these rows); `--applications`: keras.applications MobileNetV2
+   and ResNet50 at 128² with group α (XLA at batch 8 there).
 4. tensorflow-model-optimization's magnitude pruning at 50 % sparsity, in
    tf_keras, exported to TFLite, in its own process (`tfmot_baseline.py`):
    unstructured zeros, same dense kernels.
@@ -136,6 +137,34 @@ def group_rows(x128, x1, rounds: int) -> None:
           " of the FLOPs")
 
 
+def application_rows(rounds: int) -> None:
+    """keras.applications MobileNetV2 and ResNet50 (128², `weights=None`), random
+    group α cut by `prune_to(flops=0.5)` (blocks of 8), against unpruned."""
+    from keras_psp import prune_to
+    from keras_psp.groups import group_views
+
+    rng = np.random.default_rng(3)
+    x8 = rng.random((8, 128, 128, 3)).astype("float32")
+    rows = []
+    for name in ("MobileNetV2", "ResNet50"):
+        base = getattr(keras.applications, name)(weights=None, input_shape=(128, 128, 3))
+        model = wrap(base, structure="group")
+        for group in group_views(model):
+            group.alpha.assign(rng.uniform(0.1, 1.0, group.alpha.shape).astype("float32"))
+        prune_to(model, 0.5)
+        small = slim(model, check_inputs=x8[:2])
+        t = latencies({"unpruned": base, "group": small}, x8, x8[:1], rounds)
+        ratio = count_flops(small) / count_flops(base)
+        rows.append((name, f"{ratio:.3f}", gathers(small), f"{t['unpruned'][0]:.1f}",
+                     f"{t['group'][0]:.1f}", f"{t['unpruned'][0] / t['group'][0]:.2f}x",
+                     f"{t['unpruned'][1]:.2f}", f"{t['group'][1]:.2f}",
+                     f"{t['unpruned'][1] / t['group'][1]:.2f}x"))
+    print_table(f"keras.applications at 128², group α cut to 0.5x FLOPs; medians of {rounds} "
+                f"XLA (batch 8) / {rounds * 2} LiteRT (batch 1) rounds", rows,
+                ("model", "FLOPs ratio", "gathers", "XLA b8 ms", "group", "XLA speedup",
+                 "LiteRT b1 ms", "group", "LiteRT speedup"))
+
+
 def latencies(models: dict, x128, x1, rounds: int) -> dict:
     xla = interleaved({k: xla_runner(m, x128) for k, m in models.items()}, rounds)
     lite = interleaved(
@@ -150,6 +179,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--skip-tfmot", action="store_true")
     parser.add_argument("--group-only", action="store_true", help="only the group α rows")
+    parser.add_argument("--applications", action="store_true",
+                        help="only MobileNetV2 and ResNet50 with group α")
     parser.add_argument("--overhead-only", action="store_true",
                         help="only slim vs hand-built, with twice the rounds")
     args = parser.parse_args()
@@ -159,6 +190,9 @@ def main() -> None:
     x1 = x128[:1]
     if args.group_only:
         group_rows(x128, x1, rounds)
+        return
+    if args.applications:
+        application_rows(rounds)
         return
 
     wrapped, stream, inner = uniform_cut(0.7, rng)
