@@ -42,6 +42,7 @@ from keras_psp.penalties import (
     is_relative,
     strength_attribute,
 )
+from keras_psp.surgery.graph import width
 from keras_psp.wrapper import DEFAULT_THRESHOLD, check_multiple_of, keep_mask
 
 #: Default `multiple_of` of group α: kept widths that are multiples of 8 ran
@@ -153,8 +154,8 @@ class ChannelGroups(keras.layers.Layer):
                 initializer=keras.initializers.Constant(getattr(self.alpha_regularizer, named)),
                 trainable=False, dtype="float32", autocast=False)
         alphas = []
-        for i, width in enumerate(self.widths):
-            alpha = self.add_weight(name=f"alpha_{i}", shape=(width,), initializer="ones",
+        for i, size in enumerate(self.widths):
+            alpha = self.add_weight(name=f"alpha_{i}", shape=(size,), initializer="ones",
                                     dtype="float32", autocast=False,
                                     regularizer=None if named else self.alpha_regularizer)
             if named:
@@ -194,14 +195,9 @@ class ChannelGroups(keras.layers.Layer):
             alphas: Candidate α by group index, for groups to fold with other
                 values than their own.
         """
-        table = decode(index)
-        used = sorted({int(g) for g in table[:, 0] if g >= 0})
-        base, parts, at = {}, [ops.ones((1,), "float32")], 1
-        for g in used:
-            base[g] = at
-            parts.append(self.effective_alpha(g, (alphas or {}).get(g)))
-            at += self.widths[g]
-        flat = np.array([0 if g < 0 else base[g] + p for g, p in table], "int32")
+        used, flat = _gather_index(decode(index), self.widths)
+        parts = [ops.ones((1,), "float32")] + [
+            self.effective_alpha(g, (alphas or {}).get(g)) for g in used]
         return ops.take(ops.concatenate(parts), flat)
 
     def call(self, inputs, index: str = ""):
@@ -248,6 +244,20 @@ class ChannelGroups(keras.layers.Layer):
             if self.alpha_regularizer is not None else None,
         })
         return config
+
+
+def _gather_index(table: np.ndarray, widths) -> tuple[list[int], np.ndarray]:
+    """The groups a reader's `table` uses, and where each of its channels sits
+    in `[1] + concatenate(α of those groups)` (0: the constant 1)."""
+    used = sorted({int(g) for g in table[:, 0] if g >= 0})
+    base = np.zeros(max(used, default=0) + 1, "int64")
+    at = 1
+    for g in used:
+        base[g] = at
+        at += widths[g]
+    groups = table[:, 0]
+    flat = np.where(groups < 0, 0, base[np.maximum(groups, 0)] + table[:, 1])
+    return used, flat.astype("int32")
 
 
 class Group:
@@ -472,12 +482,6 @@ def find_groups(graph) -> tuple[list, dict, list[str]]:
     return groups, sites, barriers
 
 
-def width(shape) -> int:
-    from keras_psp.surgery.graph import width as _width
-
-    return _width(shape)
-
-
 def wrap_groups(model: keras.Model, **kwargs) -> keras.Model:
     """`wrap(model, structure="group")`: see `keras_psp.wrap`."""
     from keras_psp.copying import copy_layer, copy_state
@@ -559,9 +563,10 @@ def fold_groups(graph, alphas: dict | None = None) -> None:
                 np.asarray(ops.convert_to_numpy(layer.effective_alpha(
                     g, (alphas or {}).get(id(a)))), "float32")
                 for g, a in enumerate(layer.alphas)]
-        table = decode(op.node.arguments.kwargs.get("index", ""))
+        used, flat = _gather_index(decode(op.node.arguments.kwargs.get("index", "")),
+                                   layer.widths)
         values = effective[id(layer)]
-        scale = np.array([1.0 if g < 0 else values[g][p] for g, p in table], "float32")
+        scale = np.concatenate([np.ones(1, "float32")] + [values[g] for g in used])[flat]
         alias[op.outputs[0]] = op.inputs[0]
         for reader in readers.get(op.outputs[0], []):
             inner = reader.layer
