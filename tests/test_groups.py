@@ -233,3 +233,24 @@ def test_multiple_of_is_in_the_config_and_groups_default_to_8():
     assert groups.multiple_of == 8 and ChannelGroups.from_config(groups.get_config()).multiple_of == 8
     unaligned = keras_psp.wrap(_se_net(), structure="group", multiple_of=None)
     assert group_layers(unaligned)[0].multiple_of is None
+
+
+def test_bad_group_arguments_and_diverged_alpha_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="FlopsBudget: `multiple_of`"):
+        keras_psp.FlopsBudget(multiple_of=0)
+    with pytest.raises(ValueError, match="one positive entry per group"):
+        ChannelGroups([4, 0], ["a", "b"])
+    with pytest.raises(ValueError, match="`threshold` must be in"):
+        ChannelGroups([4], ["a"], threshold=1.5)
+    model = keras_psp.wrap(_se_net(), structure="group")
+    (layer,) = group_layers(model)
+    with pytest.raises(ValueError, match="needs the `index`"):
+        layer(np.ones((1, 4), "float32"))
+    stem = group_views(model)[0]
+    alpha = keras.ops.convert_to_numpy(stem.alpha).copy()
+    alpha[0] = np.nan
+    stem.alpha.assign(alpha)
+    with pytest.raises(ValueError, match="channel group 'stem_group'.*non-finite"):
+        keras_psp.slim(model)
+    with pytest.raises(ValueError, match="group 'stem_group'.*non-finite"):
+        model.save(tmp_path / "diverged.keras")
