@@ -1,8 +1,8 @@
 """keras_psp: Parameterized Structured Pruning for Keras 3."""
 
-from keras_psp import distributed
+from keras_psp import distributed, latency
 from keras_psp._version import __version__
-from keras_psp.budget import FlopsBudget
+from keras_psp.budget import FlopsBudget, LatencyBudget
 from keras_psp.callbacks import SeparationMonitor
 from keras_psp.cloning import strip, wrap
 from keras_psp.export import export
@@ -16,4 +16,4 @@ from keras_psp.surgery.slim import slim
 from keras_psp.verify import verify
 from keras_psp.wrapper import PSP, keep_mask
 
-__all__ = ["FlopsBudget", "PSP", "STRUCTURES", "SeparationMonitor", "__version__", "count_flops", "count_params", "distributed", "export", "keep_mask", "plot_alphas", "prune", "prune_to", "recalibrate", "slim", "strip", "summary", "verify", "wrap"]
+__all__ = ["FlopsBudget", "LatencyBudget", "PSP", "STRUCTURES", "SeparationMonitor", "__version__", "count_flops", "count_params", "distributed", "export", "keep_mask", "latency", "plot_alphas", "prune", "prune_to", "recalibrate", "slim", "strip", "summary", "verify", "wrap"]

@@ -1,4 +1,5 @@
-"""`FlopsBudget`: cut on a schedule until the slimmed model meets a FLOPs target."""
+"""`FlopsBudget` and `LatencyBudget`: cut on a schedule until the slimmed model meets a
+FLOPs or a measured-latency target."""
 
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ class FlopsBudget(keras.callbacks.Callback):
                  multiple_of: int | None = None):
         super().__init__()
         for name, value, ok, what in (
-            ("target", target, 0 < target <= 1, "in (0, 1] (a fraction of the unpruned FLOPs)"),
+            ("target", target, 0 < target <= 1, f"in (0, 1] (a fraction of the unpruned {self._what})"),
             ("begin", begin, 0 <= begin < 1, "in [0, 1)"),
             ("end", end, begin < end <= 1, f"in (begin={begin}, 1]"),
             ("checks_per_epoch", checks_per_epoch,
@@ -132,10 +133,10 @@ class FlopsBudget(keras.callbacks.Callback):
                 and multiple_of >= 1), "a positive integer or None"),
         ):
             if not ok:
-                raise ValueError(f"FlopsBudget: `{name}` must be {what}, got {value!r}.")
+                raise ValueError(f"{type(self).__name__}: `{name}` must be {what}, got {value!r}.")
         self.target, self.begin, self.end = float(target), float(begin), float(end)
         if allocation not in ALLOCATIONS:
-            raise ValueError(f"FlopsBudget: `allocation` must be one of {ALLOCATIONS}, got "
+            raise ValueError(f"{type(self).__name__}: `allocation` must be one of {ALLOCATIONS}, got "
                              f"{allocation!r}.")
         self.checks_per_epoch, self.min_keep, self.allocation = checks_per_epoch, min_keep, allocation
         self.recalibration_data, self.recalibration_steps = recalibrate, recalibration_steps
@@ -164,19 +165,32 @@ class FlopsBudget(keras.callbacks.Callback):
 
     def _start(self):
         self._layers = _require_psp_layers(self.model, "FlopsBudget", graph=True)
-        smallest = reachable(self.model, self.min_keep, self.multiple_of)
+        smallest = reachable(self.model, self.min_keep, self.multiple_of, self._profile)
         if smallest > self.target:
             raise ValueError(
-                f"FlopsBudget: the target {self.target:.3f} cannot be reached on model "
+                f"{type(self).__name__}: the target {self.target:.3f} cannot be reached on model "
                 f"'{self.model.name}': cutting every structure but {self.min_keep} per PSP layer "
-                f"leaves {smallest:.3f} of the FLOPs (the rest sits in layers PSP does not wrap "
+                f"leaves {smallest:.3f} of the {self._what} (the rest sits in layers PSP does not wrap "
                 "or surgery keeps whole). Wrap more layers, or aim at "
                 f"{math.ceil(smallest * 100) / 100:.2f} or more."
             )
         for layer in self._layers:
             layer.threshold = min(layer.threshold, BUDGET_THRESHOLD)
-        self._total = slim_flops(self.model) / self._unpruned()
+        self._total = self._measure()
         self.fraction, self._started, self._penalty = self._total, True, True
+
+    #: What the target is a fraction of, and the key `fit` logs the fraction under.
+    _what, _log = "FLOPs", "psp_flops"
+    _profile = None
+
+    def _measure(self) -> float:
+        """The fraction of the slimmed model now (FLOPs here)."""
+        return slim_flops(self.model) / self._unpruned()
+
+    def _cut(self, goal: float):
+        return prune_to(self.model, goal, allocation=self.allocation, min_keep=self.min_keep,
+                        optimizer=getattr(self.model, "optimizer", None),
+                        multiple_of=self.multiple_of)
 
     def _switch_off_penalty(self) -> None:
         """After `end`: the cut set is final, and a penalty would only go on eroding the
@@ -201,15 +215,13 @@ class FlopsBudget(keras.callbacks.Callback):
         goal = self.goal(done)
         if done / ((self.params or {}).get("epochs") or 1) >= self.end - 1e-9 and self._penalty:
             self._switch_off_penalty()
-        before = self.fraction = slim_flops(self.model) / self._unpruned()
+        before = self.fraction = self._measure()
         if self.fraction > goal:
-            cut = prune_to(self.model, goal, allocation=self.allocation, min_keep=self.min_keep,
-                           optimizer=getattr(self.model, "optimizer", None),
-                           multiple_of=self.multiple_of)
-            self.fraction = cut.flops
+            cut = self._cut(goal)
+            self.fraction = cut.reached
             self._stale = self._stale or cut.count > 0
         self.checks.append({"epochs": done, "goal": goal, "before": before,
-                            "psp_flops": self.fraction})
+                            self._log: self.fraction})
 
     def _on_step(self, batch, logs=None):
         if batch + 1 in self._check_at:
@@ -238,10 +250,10 @@ class FlopsBudget(keras.callbacks.Callback):
             self._control(epoch + 1)
         self._epoch_end_done = True
         self._recalibrate()
-        logs["psp_flops"], logs["psp_goal"] = self.fraction, self.goal(epoch + 1)
+        logs[self._log], logs["psp_goal"] = self.fraction, self.goal(epoch + 1)
         cut = sum(int(np.size(layer.mask()) - np.sum(layer.mask())) for layer in self._layers)
         total = sum(int(np.size(layer.mask())) for layer in self._layers)
-        record = {"epoch": epoch, "psp_flops": self.fraction, "goal": self.goal(epoch + 1),
+        record = {"epoch": epoch, self._log: self.fraction, "goal": self.goal(epoch + 1),
                   "cut": cut, "total": total}
         record.update({k: v for k, v in logs.items() if k.startswith("val_")})
         self.history.append(record)
@@ -249,10 +261,58 @@ class FlopsBudget(keras.callbacks.Callback):
             validation = "".join(f", {k} {v:.4f}" for k, v in logs.items()
                                  if k in ("val_accuracy", "val_loss"))
             io_utils.print_msg(  # a line of its own after the progress bar, as Keras's do
-                f"\nFlopsBudget epoch {epoch + 1}/{self.params.get('epochs', '?')}: FLOPs "
+                f"\n{type(self).__name__} epoch {epoch + 1}/{self.params.get('epochs', '?')}: "
+                f"{self._what} "
                 f"{self.fraction:.3f} (goal {self.goal(epoch + 1):.3f}, target {self.target:.3f}), "
                 f"{cut}/{total} structures cut{validation}")
 
     def on_train_end(self, logs=None):
         self._in_fit = False
         self._recalibrate()
+
+
+class LatencyBudget(FlopsBudget):
+    """`FlopsBudget`'s counterpart for measured time: cuts until the slimmed
+    model's latency, as a `keras_psp.latency.LatencyProfile` predicts it, is
+    `target` times the unpruned model's.
+
+    Everything else is as in `FlopsBudget` (the schedule, recalibration, the
+    penalty switched off after `end`); the cuts go first where α is small per
+    millisecond saved (`keras_psp.prune_to(latency=...)`). Logs
+    `psp_latency` (the predicted fraction after the epoch's cuts) and
+    `psp_goal`.
+
+    Args:
+        target: Predicted latency of the slimmed model over the unpruned
+            model's, in (0, 1].
+        profile: A `LatencyProfile` of the model being trained
+            (`keras_psp.latency.profile(model, runtime=...)`).
+        **kwargs: `FlopsBudget`'s other arguments.
+
+    Example:
+
+    ```python
+    table = keras_psp.latency.profile(model, runtime="litert")
+    budget = keras_psp.LatencyBudget(0.6, table, recalibrate=x_train[:2048])
+    model.fit(x, y, epochs=3, callbacks=[budget])
+    table.predict(model) / table.dense_ms       # ≤ 0.6
+    ```
+    """
+
+    _what, _log = "predicted latency", "psp_latency"
+
+    def __init__(self, target: float = 0.6, profile=None, **kwargs):
+        if not hasattr(profile, "predict") or not hasattr(profile, "dense_ms"):
+            raise ValueError("LatencyBudget: `profile` must be a LatencyProfile from "
+                             f"keras_psp.latency.profile(model); got {profile!r}.")
+        super().__init__(target, **kwargs)
+        self._profile = profile
+
+    def _measure(self) -> float:
+        return self._profile.predict(self.model) / self._profile.dense_ms
+
+    def _cut(self, goal: float):
+        return prune_to(self.model, latency=goal, profile=self._profile,
+                        allocation=self.allocation, min_keep=self.min_keep,
+                        optimizer=getattr(self.model, "optimizer", None),
+                        multiple_of=self.multiple_of)

@@ -1,4 +1,4 @@
-"""`prune_to`: a one-shot cut from the current α, to a FLOPs target.
+"""`prune_to`: a one-shot cut from the current α, to a FLOPs or latency target.
 
 Structures are scored by the norm of their effective weights (α times the
 kernel entries it scales) relative to their own layer (`scores`), so that
@@ -7,7 +7,8 @@ penalty shrink a whole layer) compare on the pattern alone. The lowest ones
 are cut, spread over the layers as `allocation` says, until the slimmed
 model's FLOPs reach the target; the number cut is found by bisection on
 `count_flops(slim(model))`, computed from surgery's channel plan without
-building any model.
+building any model. A latency target does the same on the time a
+`keras_psp.latency.LatencyProfile` predicts from the same plan.
 
 A cut sets α to exactly 0 (and the optimizer's slots for it, so momentum
 cannot bring it back): the structure is then cut whatever the threshold, its
@@ -59,8 +60,8 @@ class Cut:
 
     Attributes:
         flops: FLOPs of the slimmed model over the unpruned model's, after the cut.
-        before: The same fraction before the cut.
-        target: The FLOPs fraction asked for.
+        before: The fraction aimed at (FLOPs, or predicted latency) before the cut.
+        target: The fraction asked for.
         cut: Newly cut structures (flat indices into α) by PSP layer name.
         structures: Structures cut in all, this cut included.
         total: Structures in all.
@@ -72,16 +73,25 @@ class Cut:
     cut: dict
     structures: int
     total: int
+    latency: float | None = None
+    metric: str = "flops"
 
     @property
     def count(self) -> int:
         """Structures newly cut."""
         return int(sum(len(v) for v in self.cut.values()))
 
+    @property
+    def reached(self) -> float:
+        """The fraction aimed at, after the cut: `flops`, or the predicted `latency`."""
+        return self.latency if self.metric == "latency" else self.flops
+
     def __str__(self) -> str:
+        what = "predicted latency" if self.metric == "latency" else "FLOPs"
+        extra = f"; FLOPs {self.flops:.3f}" if self.metric == "latency" else ""
         return (f"prune_to: cut {self.count} more structure(s) ({self.structures}/{self.total} "
-                f"cut in all); FLOPs {self.before:.3f} -> {self.flops:.3f} of the unpruned model "
-                f"(target {self.target:.3f})")
+                f"cut in all); {what} {self.before:.3f} -> {self.reached:.3f} of the unpruned "
+                f"model (target {self.target:.3f}){extra}")
 
 
 def zero_structures(layer, entries: np.ndarray, optimizer=None) -> None:
@@ -144,14 +154,49 @@ def _candidates(layers, min_keep: int, allocation: str = "uniform",
     return alphas, np.asarray(owner, int)[order], [blocks[k] for k in order]
 
 
-def _fraction(model, layers, alphas, owner, blocks) -> int:
-    """`slim_flops` with the given blocks of structures cut (nothing is assigned)."""
+def _trial(layers, alphas, owner, blocks) -> dict:
+    """α values with the given blocks of structures cut, by `id` of the α variable."""
     trial = [a.copy() for a in alphas]
     for i, block in zip(owner, blocks, strict=True):
         trial[i][block] = 0.0
-    values = {id(layer.alpha): a.reshape(tuple(layer.alpha.shape))
-              for layer, a in zip(layers, trial, strict=True)}
-    return slim_flops(model, values)
+    return {id(layer.alpha): a.reshape(tuple(layer.alpha.shape))
+            for layer, a in zip(layers, trial, strict=True)}
+
+
+def _fraction(model, layers, alphas, owner, blocks) -> int:
+    """`slim_flops` with the given blocks of structures cut (nothing is assigned)."""
+    return slim_flops(model, _trial(layers, alphas, owner, blocks))
+
+
+class _Cost:
+    """The fraction `prune_to` aims at, of a trial cut: FLOPs, or predicted latency."""
+
+    def __init__(self, model, layers, alphas, profile=None):
+        self.model, self.layers, self.alphas, self.profile = model, layers, alphas, profile
+        self.metric = "flops" if profile is None else "latency"
+        self.total = max(count_flops(model), 1)
+
+    def __call__(self, owner, blocks) -> float:
+        if self.profile is None:
+            return _fraction(self.model, self.layers, self.alphas, owner, blocks) / self.total
+        values = _trial(self.layers, self.alphas, owner, blocks)
+        return self.profile.predict(self.model, values) / self.profile.dense_ms
+
+
+def _per_ms(cost: _Cost, owner, blocks):
+    """Reorders candidate blocks for a latency target: each key (its place in
+    the order) over what a structure of its layer saves (ms, relative to the
+    median layer), so that cuts go first where they buy the most time."""
+    first = {}
+    for i, block in zip(owner, blocks, strict=True):
+        first.setdefault(int(i), block)
+    base = cost([], [])
+    saving = {i: max(base - cost([i], [block]), 1e-9) / len(block) for i, block in first.items()}
+    median = float(np.median(list(saving.values())))
+    keys = [(position + 1) / len(blocks) * median / saving[int(i)]
+            for position, i in enumerate(owner)]
+    order = np.argsort(np.asarray(keys), kind="stable")
+    return np.asarray(owner)[order], [blocks[k] for k in order]
 
 
 def _layerwise_note(layers) -> str:
@@ -164,18 +209,60 @@ def _layerwise_note(layers) -> str:
             "`min_keep` structure; use channel, filter or column structures there.")
 
 
-def reachable(model: keras.Model, min_keep: int = 1, multiple_of: int | None = None) -> float:
-    """The smallest FLOPs fraction cutting can reach: every structure cut but
-    `min_keep` per PSP layer or group (the rest of the FLOPs sits in layers PSP
-    does not wrap, or that surgery keeps whole)."""
+#: How far below its target `prune_to` may land before it tries a closer cut.
+LANDING = 0.02
+
+#: Candidate blocks `_land` tries, at most.
+_LANDING_TRIES = 64
+
+
+def _land(cost, owner, blocks, high: int, target: float) -> list[int]:
+    """Positions to cut when the first `high` blocks overshoot the target by
+    more than `LANDING` (one block of a wide group can remove much): the
+    first `high - 1` blocks, then, in order, every later block that does not
+    take the fraction more than `LANDING` below `target` (a layer or group
+    whose block is passed over cuts nothing more, so none skips its lower
+    scores), until the target is met; the first `high` when that fails."""
+    chosen, passed = list(range(high - 1)), set()
+    for tried, k in enumerate(range(high - 1, len(owner))):
+        if tried >= _LANDING_TRIES:
+            break
+        unit = int(owner[k])
+        if unit in passed:
+            continue
+        trial = chosen + [k]
+        value = cost([owner[j] for j in trial], [blocks[j] for j in trial])
+        if value < target - LANDING:
+            passed.add(unit)  # too large a step
+            continue
+        chosen = trial
+        if value <= target:
+            return chosen
+    return list(range(high))
+
+
+def reachable(model: keras.Model, min_keep: int = 1, multiple_of: int | None = None,
+              profile=None) -> float:
+    """The smallest FLOPs fraction cutting can reach (with `profile`, a
+    `keras_psp.latency.LatencyProfile`: the smallest predicted latency
+    fraction): every structure cut but `min_keep` per PSP layer or group (the
+    rest sits in layers PSP does not wrap, or that surgery keeps whole)."""
     layers = psp_layers(model)
     alphas, owner, blocks = _candidates(layers, min_keep, multiple_of=multiple_of)
-    return _fraction(model, layers, alphas, owner, blocks) / max(count_flops(model), 1)
+    return _Cost(model, layers, alphas, profile)(owner, blocks)
 
 
-def prune_to(model: keras.Model, flops: float, allocation: str = "uniform", min_keep: int = 1,
-             optimizer=None, verbose: int = 0, multiple_of: int | None = None) -> Cut:
-    """Cuts the lowest-ranked structures until the slim model has `flops` × the FLOPs.
+def _check_target(name: str, value) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1):
+        raise ValueError(f"prune_to: `{name}` must be in (0, 1] (a fraction of the unpruned "
+                         f"model's {'FLOPs' if name == 'flops' else 'latency'}), got {value!r}.")
+
+
+def prune_to(model: keras.Model, flops: float | None = None, allocation: str = "uniform",
+             min_keep: int = 1, optimizer=None, verbose: int = 0,
+             multiple_of: int | None = None, latency: float | None = None,
+             profile=None) -> Cut:
+    """Cuts the lowest-ranked structures until the slim model meets a FLOPs or latency target.
 
     Structures already cut stay cut; the others are ranked by `scores` and
     cut in order (`allocation`; ties broken by position). The number cut is
@@ -184,6 +271,11 @@ def prune_to(model: keras.Model, flops: float, allocation: str = "uniform", min_
     by at most the FLOPs of the last structure cut. Every layer keeps at
     least `min_keep` structures, so a layer-wise α (`structure="layer"`, one
     structure) is never cut here: cut those by their threshold.
+
+    With `latency` (and a `profile` from `keras_psp.latency.profile`), the
+    target is the slim model's predicted time over the unpruned model's on
+    the profiled runtime, and the order weighs each structure's score by the
+    time cutting it saves: cuts go first where α is small per millisecond.
 
     Args:
         model: A model with PSP layers (not modified, except its α).
@@ -204,12 +296,16 @@ def prune_to(model: keras.Model, flops: float, allocation: str = "uniform", min_
             None: each layer's or group's own `multiple_of` (8 for groups,
             none for PSP layers, unless `wrap` was told otherwise); 1: any
             count.
+        latency: Instead of `flops`: the predicted latency of the slim model
+            over the unpruned model's, in (0, 1]; needs `profile`.
+        profile: A `keras_psp.latency.LatencyProfile` of this model.
 
     Returns:
-        A `Cut`: the FLOPs fraction reached and what was cut.
+        A `Cut`: the fraction reached and what was cut.
 
     Raises:
-        ValueError: if the model has no PSP layers, or if `flops` cannot be
+        ValueError: if the model has no PSP layers, if not exactly one of
+            `flops` and `latency` is given, or if the target cannot be
             reached by cutting (the message gives the smallest fraction that
             can).
 
@@ -219,12 +315,25 @@ def prune_to(model: keras.Model, flops: float, allocation: str = "uniform", min_
     cut = keras_psp.prune_to(wrapped, flops=0.5)
     print(cut)                       # prune_to: cut 212 more structure(s) ...
     keras_psp.count_flops(keras_psp.slim(wrapped)) / keras_psp.count_flops(wrapped)  # ≈ 0.5
+
+    table = keras_psp.latency.profile(wrapped, runtime="litert")
+    keras_psp.prune_to(wrapped, latency=0.6, profile=table)
     ```
     """
     check_graph_model(model, "prune_to")
-    if not (isinstance(flops, (int, float)) and 0 < flops <= 1):
-        raise ValueError(f"prune_to: `flops` must be in (0, 1] (a fraction of the unpruned "
-                         f"model's FLOPs), got {flops!r}.")
+    if (flops is None) == (latency is None):
+        raise ValueError("prune_to: give exactly one target, `flops` or `latency` (fractions "
+                         f"of the unpruned model's), got flops={flops!r}, latency={latency!r}.")
+    _check_target("flops" if latency is None else "latency",
+                  flops if latency is None else latency)
+    if latency is not None and not hasattr(profile, "predict"):
+        raise ValueError("prune_to: a `latency` target needs `profile=`, a LatencyProfile "
+                         "from keras_psp.latency.profile(model); got "
+                         f"profile={profile!r}.")
+    if latency is None and profile is not None:
+        raise ValueError("prune_to: `profile` is for a `latency` target; with `flops`, leave "
+                         "it out.")
+    target = float(flops if latency is None else latency)
     if not isinstance(min_keep, int) or min_keep < 1:
         raise ValueError(f"prune_to: `min_keep` must be an integer >= 1, got {min_keep!r}.")
     if multiple_of is not None and (isinstance(multiple_of, bool) or not isinstance(
@@ -241,42 +350,53 @@ def prune_to(model: keras.Model, flops: float, allocation: str = "uniform", min_
         layer.check_finite("rank structures")
     if optimizer is None:
         optimizer = getattr(model, "optimizer", None)
-    total_flops = max(count_flops(model), 1)
     alphas, owner, blocks = _candidates(layers, min_keep, allocation, multiple_of)
+    cost = _Cost(model, layers, alphas, profile)
+    if latency is not None and len(owner):
+        owner, blocks = _per_ms(cost, owner, blocks)
 
     def fraction(k: int) -> float:
-        return _fraction(model, layers, alphas, owner[:k], blocks[:k]) / total_flops
+        return cost(owner[:k], blocks[:k])
 
     before = fraction(0)
     low, high = 0, len(owner)
-    if before > flops:
+    if before > target:
         smallest = fraction(high)
-        if smallest > flops:
+        if smallest > target:
+            what = "FLOPs" if latency is None else "predicted latency"
             raise ValueError(
-                f"prune_to: cannot reach {flops:.3f} of the FLOPs of model '{model.name}': "
+                f"prune_to: cannot reach {target:.3f} of the {what} of model '{model.name}': "
                 f"cutting every structure but {min_keep} per PSP layer leaves {smallest:.3f}. "
                 "The rest sits in layers PSP does not wrap or surgery keeps whole; wrap more "
                 "layers, or aim higher." + _layerwise_note(layers)
             )
-        while low < high:  # the smallest k with fraction(k) <= flops
+        while low < high:  # the smallest k with fraction(k) <= target
             middle = (low + high) // 2
-            if fraction(middle) <= flops:
+            if fraction(middle) <= target:
                 high = middle
             else:
                 low = middle + 1
     else:
         high = 0
+    chosen = list(range(high))
+    if high and fraction(high) < target - LANDING:
+        chosen = _land(cost, owner, blocks, high, target)
     newly: dict[int, list] = {}
-    for i, block in zip(owner[:high], blocks[:high], strict=True):
-        newly.setdefault(int(i), []).extend(int(j) for j in block)
+    for k in chosen:
+        newly.setdefault(int(owner[k]), []).extend(int(j) for j in blocks[k])
     for i, layer in enumerate(layers):
         zero_structures(layer, np.asarray(newly.get(i, []), int), optimizer)
     cut_now = sum(int(np.size(layer.mask()) - np.sum(layer.mask())) for layer in layers)
-    after = slim_flops(model) / total_flops if high else before
-    result = Cut(flops=after, before=before, target=float(flops),
+    total_flops = max(count_flops(model), 1)
+    after_flops = slim_flops(model) / total_flops
+    after = after_flops if latency is None else (
+        cost([owner[k] for k in chosen], [blocks[k] for k in chosen]) if chosen else before)
+    result = Cut(flops=after_flops, before=before, target=target,
                  cut={layers[i].name: np.asarray(v) for i, v in newly.items()},
                  structures=cut_now,
-                 total=int(sum(a.size for a in alphas)))
+                 total=int(sum(a.size for a in alphas)),
+                 latency=None if latency is None else after,
+                 metric="flops" if latency is None else "latency")
     if verbose:
         print(result, flush=True)
     return result

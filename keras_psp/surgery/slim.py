@@ -329,6 +329,18 @@ def _zero_initializers(layer):
             setattr(layer, name, value)
 
 
+def slim_graph(graph: Graph, plan: ChannelPlan, name: str) -> keras.Model:
+    """The slim model of an unwrapped `graph` as `plan` says (no checks)."""
+    rule_of = {id(op): rule for op, rule in zip(graph.ops, plan.rules, strict=True)}
+    built = {}
+    return rebuild(
+        graph,
+        lambda op, values: _emit(plan, rule_of[id(op)], op, values, built),
+        name=name,
+        live=plan.live,
+    )
+
+
 def slim(
     model: keras.Model,
     check_inputs=None,
@@ -406,14 +418,7 @@ def slim(
             stacklevel=2,
         )
 
-    rule_of = {id(op): rule for op, rule in zip(graph.ops, plan.rules, strict=True)}
-    built = {}
-    small = rebuild(
-        graph,
-        lambda op, values: _emit(plan, rule_of[id(op)], op, values, built),
-        name=f"{model.name}_slim",
-        live=plan.live,
-    )
+    small = slim_graph(graph, plan, name=f"{model.name}_slim")
     if check_inputs is not None:
         _check_against(model, small, expected, check_inputs, atol)
     if recalibrate is not None:
