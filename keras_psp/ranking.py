@@ -209,7 +209,7 @@ def _layerwise_note(layers) -> str:
             "`min_keep` structure; use channel, filter or column structures there.")
 
 
-#: How far below its target `prune_to` may land before it tries a closer cut.
+#: How far below a latency target `prune_to` may land before it tries a closer cut.
 LANDING = 0.02
 
 #: Candidate blocks `_land` tries, at most.
@@ -276,6 +276,10 @@ def prune_to(model: keras.Model, flops: float | None = None, allocation: str = "
     target is the slim model's predicted time over the unpruned model's on
     the profiled runtime, and the order weighs each structure's score by the
     time cutting it saves: cuts go first where α is small per millisecond.
+    One block of a wide group can remove much of the time at once; when the
+    next block in order would land more than `LANDING` (0.02) below the
+    target, later blocks (each the next one of its layer or group) that land
+    closer are cut instead.
 
     Args:
         model: A model with PSP layers (not modified, except its α).
@@ -379,7 +383,7 @@ def prune_to(model: keras.Model, flops: float | None = None, allocation: str = "
     else:
         high = 0
     chosen = list(range(high))
-    if high and fraction(high) < target - LANDING:
+    if latency is not None and high and fraction(high) < target - LANDING:
         chosen = _land(cost, owner, blocks, high, target)
     newly: dict[int, list] = {}
     for k in chosen:
