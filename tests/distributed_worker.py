@@ -137,6 +137,33 @@ def callbacks(config, policy, model, record):
     return monitor, [*extra, Probe(), monitor, log]
 
 
+def mirrored_checks(model, x) -> dict:
+    """What MirroredStrategy made of the α: one copy per replica, equal after
+    `fit`; and the stripped model computes what the PSP model computes, both
+    called directly and through `predict` split over the replicas."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_psp import strip
+    from keras_psp.cloning import psp_layers
+
+    mirrored = psp_layers(model)[-1].alpha.value  # the backend variable behind keras.Variable
+    replicas = [np.array(v.numpy()) for v in getattr(mirrored, "values", ())]
+    plain = strip(model)
+    direct = np.asarray(model(x, training=False))
+    return {
+        "distributed": isinstance(mirrored, tf.distribute.DistributedValues),
+        "replicas": len(replicas),
+        "replica_diff": float(np.max(np.abs(replicas[0] - replicas[-1]))) if replicas else None,
+        "strip_diff": float(np.max(np.abs(np.asarray(plain(x, training=False)) - direct))),
+        "predict_diff": float(np.max(np.abs(model.predict(x, verbose=0)
+                                            - np.asarray(plain(x, training=False))))),
+        "finite": bool(all(np.all(np.isfinite(keras.ops.convert_to_numpy(layer.alpha)))
+                           for layer in psp_layers(model))),
+    }
+
+
 def run(config, strategy, policy) -> dict:
     import contextlib
 
@@ -177,6 +204,7 @@ def run(config, strategy, policy) -> dict:
                  callbacks=callbacks(config, policy + "_fit", twin, record.setdefault("fit", {}))[1])
         record["fit"]["alpha"] = {layer.name: np.ravel(keras.ops.convert_to_numpy(layer.alpha))
                                   .tolist() for layer in psp_layers(twin)}
+        record["fit"].update(mirrored_checks(twin, x[:64]))
     else:
         batch = config["batch"] * (config["count"] if engine == "reference" else 1)
         history = keras_psp.distributed.fit(model, x, y, batch_size=batch, shuffle=False,

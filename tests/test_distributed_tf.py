@@ -57,9 +57,10 @@ def test_two_workers_train_like_one(tmp_path):
 
 
 def test_mirrored_strategy_train_equals_fit(tmp_path):
-    """MirroredStrategy over two logical CPUs: `fit` works; `train` gives the
-    same α (so the loss is scaled to the global batch and the α
-    regularization counted once)."""
+    """MirroredStrategy over two logical CPUs: `fit` works, each α is a
+    mirrored variable whose two copies stay equal, and `strip` and `predict`
+    agree with the PSP model; `train` gives the same α as `fit` (so the loss
+    is scaled to the global batch and the α regularization counted once)."""
     config = {**BASE, "engine": "mirrored", "index": 0, "policies": POLICIES,
               "out": str(tmp_path / "mirrored")}
     (finished,) = launch([config], tmp_path, timeout=240, backend="tensorflow")
@@ -68,6 +69,12 @@ def test_mirrored_strategy_train_equals_fit(tmp_path):
         result = finished.result[policy]
         assert result["alpha"] != result["alpha_at_start"]
         assert max_diff(result["alpha"], result["fit"]["alpha"]) <= TOLERANCE[policy], policy
+        fit = result["fit"]  # the α under `fit`: a mirrored variable, one copy per replica
+        assert fit["distributed"] and fit["replicas"] == 2 and fit["finite"], policy
+        assert fit["replica_diff"] == 0.0, policy  # the replicas applied the same update
+        # strip: the same kernels when both are called directly; predict splits the batch
+        assert fit["strip_diff"] <= SLIM_TOLERANCE[policy], policy
+        assert fit["predict_diff"] <= SLIM_TOLERANCE[policy], policy
 
 
 def test_killed_worker_fails_the_other_and_restart_resumes(tmp_path):
