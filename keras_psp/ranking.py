@@ -391,8 +391,7 @@ def prune_to(model: keras.Model, flops: float | None = None, allocation: str = "
     for i, layer in enumerate(layers):
         zero_structures(layer, np.asarray(newly.get(i, []), int), optimizer)
     cut_now = sum(int(np.size(layer.mask()) - np.sum(layer.mask())) for layer in layers)
-    total_flops = max(count_flops(model), 1)
-    after_flops = slim_flops(model) / total_flops
+    after_flops = slim_flops(model) / cost.total
     after = after_flops if latency is None else (
         cost([owner[k] for k in chosen], [blocks[k] for k in chosen]) if chosen else before)
     result = Cut(flops=after_flops, before=before, target=target,
