@@ -38,11 +38,13 @@ setup(
             "ruff",
             "tensorflow-datasets",
             "keras-hub>=0.32",
+            # The paper examples write TensorBoard logs (TF 2.21 no longer pulls it in).
+            "tensorboard",
         ],
         "deploy": ["ai-edge-litert"],
         "plot": ["matplotlib"],
         # The paper examples' data pipelines (CIFAR, ImageNet) and the digits loader.
-        "examples": ["tensorflow-datasets", "scikit-learn"],
+        "examples": ["tensorflow-datasets", "scikit-learn", "tensorboard"],
         # keras_psp.distributed on the JAX backend.
         "jax": ["jax"],
         "tfmot": ["tensorflow-model-optimization", "tf_keras"],
