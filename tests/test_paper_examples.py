@@ -150,30 +150,22 @@ def test_cifar100_densenet_bc_with_quantized_tflite(load, tmp_path):
     assert tflite["quantize"] == "dynamic" and (out / "model.tflite").stat().st_size == tflite["size_bytes"]
 
 
-def test_imagenet_resnet18_tiny_images(load, tmp_path):
+def test_imagenet_resnet18_tiny_images_mirrored(load, tmp_path):
+    """Column α with a FlopsBudget under --distribution mirrored: wrapped and
+    compiled under MirroredStrategy (one CPU replica here), trained with
+    keras_psp.distributed.fit, slimmed from a process-local copy."""
     example = load("imagenet_resnet")
     out = tmp_path / "run"
     argv = ["--arch", "resnet18", "--width", "4", "--image-size", "32", "--epochs", "1",
-            "--structure", "column", "--run-eagerly", "--flops-target", "0.9", "--out", str(out)]
+            "--structure", "column", "--run-eagerly", "--flops-target", "0.9",
+            "--distribution", "mirrored", "--out", str(out)]
     results = _run(example, argv, tmp_path)
     (fraction,) = results["flops_by_epoch"]  # FlopsBudget's, logged per epoch
     assert fraction <= 0.9 and results["flops"]["ratio"] == pytest.approx(fraction)
     assert results["model"] == "resnet18" and results["dataset"] == "imagenet2012"
+    assert results["args"]["distribution"] == "mirrored"
     assert 0.0 <= results["accuracy"] <= results["metrics"]["top5"] <= 1.0
     assert results["preprocessing"]["input"] == "RGB 32x32"
-    _check_outputs(out, results, epochs=1)
-
-
-def test_imagenet_resnet18_mirrored_distribution(load, tmp_path):
-    """--distribution mirrored: wrapped and compiled under MirroredStrategy
-    (one CPU replica here), trained with keras_psp.distributed.fit, slimmed
-    from a process-local copy."""
-    example = load("imagenet_resnet")
-    out = tmp_path / "run"
-    argv = ["--arch", "resnet18", "--width", "4", "--image-size", "32", "--epochs", "1",
-            "--distribution", "mirrored", "--out", str(out)]
-    results = _run(example, argv, tmp_path)
-    assert results["args"]["distribution"] == "mirrored"
     _check_outputs(out, results, epochs=1)
     with pytest.raises(SystemExit, match="KERAS_BACKEND=jax"):
         example.main(["--distribution", "jax"])
