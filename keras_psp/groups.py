@@ -43,7 +43,7 @@ from keras_psp.penalties import (
     strength_attribute,
 )
 from keras_psp.surgery.graph import width
-from keras_psp.wrapper import DEFAULT_THRESHOLD, check_multiple_of, keep_mask
+from keras_psp.wrapper import DEFAULT_THRESHOLD, check_multiple_of, effective_alpha, keep_mask
 
 #: Default `multiple_of` of group α: kept widths that are multiples of 8 ran
 #: ResNet-56 at 0.48x FLOPs 1.54x (XLA) and 1.58x (LiteRT) faster than unpruned;
@@ -171,21 +171,17 @@ class ChannelGroups(keras.layers.Layer):
         """Whether groups compute with α relative to their RMS ("relative_l1")."""
         return is_relative(self.alpha_regularizer)
 
-    def effective_alpha(self, group: int, alpha=None):
+    def effective_alpha(self, group: int, alpha=None, numpy: bool = False):
         """The scales group `group` computes with: α, cut channels 0, relative
         to the RMS of its kept α with "relative_l1" (a float32 tensor).
 
         Args:
             group: The group's index.
             alpha: Values to use instead of the group's α (a candidate cut).
+            numpy: Compute in numpy and return a numpy array (offline work).
         """
-        alpha = ops.convert_to_tensor(self.alphas[group] if alpha is None else alpha, "float32")
-        keep = ops.cast(keep_mask(alpha, self.threshold, GROUP, self.multiple_of), "float32")
-        alpha = alpha * keep
-        if self.relative:
-            mean_square = ops.sum(ops.square(alpha)) / ops.maximum(ops.sum(keep), 1.0)
-            alpha = alpha * ops.rsqrt(ops.maximum(mean_square, 1e-30))
-        return alpha
+        return effective_alpha(self.alphas[group] if alpha is None else alpha, self.threshold,
+                               GROUP, self.multiple_of, self.relative, numpy)
 
     def scales(self, index: str, alphas: dict | None = None):
         """The per-channel scale of a reader's input (a float32 tensor).
@@ -314,13 +310,13 @@ class Group:
     def set_strength(self, strength: float) -> None:
         self.layer.set_strength(strength)
 
-    def effective_alpha(self, alpha=None):
-        return self.layer.effective_alpha(self.index, alpha)
+    def effective_alpha(self, alpha=None, numpy: bool = False):
+        return self.layer.effective_alpha(self.index, alpha, numpy)
 
     def mask(self) -> np.ndarray:
         """Numpy bool array, True where a channel of the group is kept."""
-        keep = keep_mask(self.alpha, self.threshold, GROUP, self.multiple_of)
-        return np.asarray(ops.convert_to_numpy(keep), dtype=bool)
+        alpha = np.asarray(ops.convert_to_numpy(self.alpha))
+        return keep_mask(alpha, self.threshold, GROUP, self.multiple_of)
 
     def own_param_count(self) -> int:
         """α entries (and, for the first group, the shared strength)."""
@@ -560,8 +556,7 @@ def fold_groups(graph, alphas: dict | None = None) -> None:
         layer = op.layer
         if id(layer) not in effective:  # each group's effective α, once per layer
             effective[id(layer)] = [
-                np.asarray(ops.convert_to_numpy(layer.effective_alpha(
-                    g, (alphas or {}).get(id(a)))), "float32")
+                layer.effective_alpha(g, (alphas or {}).get(id(a)), numpy=True)
                 for g, a in enumerate(layer.alphas)]
         used, flat = _gather_index(decode(op.node.arguments.kwargs.get("index", "")),
                                    layer.widths)

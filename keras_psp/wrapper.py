@@ -22,6 +22,33 @@ DEFAULT_STRENGTH = DEFAULT_STRENGTHS[DEFAULT_PENALTY]
 DEFAULT_THRESHOLD = 1e-2
 
 
+class _NumpyOps:
+    """The few `keras.ops` names the pruning rule uses, on numpy arrays.
+
+    Offline work (folding α for `strip` and `slim`, masks) then runs the very
+    same rule without a backend op per step (an eager TF reduction costs
+    about as much as folding a whole layer in numpy).
+    """
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def cast(x, dtype):
+        return np.asarray(x).astype(dtype)
+
+    @staticmethod
+    def convert_to_tensor(x, dtype=None):
+        return np.asarray(keras.ops.convert_to_numpy(x), dtype=dtype)
+
+    @staticmethod
+    def rsqrt(x):
+        return np.float32(1.0) / np.sqrt(x)
+
+
+_NUMPY_OPS = _NumpyOps()
+
+
 def keep_mask(alpha, threshold: float, structure: str, multiple_of: int | None = None):
     """The pruning rule, in `keras.ops`: True where a structure is kept.
 
@@ -44,7 +71,11 @@ def keep_mask(alpha, threshold: float, structure: str, multiple_of: int | None =
         threshold: Relative threshold in [0, 1); 0 cuts only α that are exactly 0.
         structure: The structure name.
         multiple_of: Keep a multiple of this many structures; None: any count.
+
+    Returns:
+        A bool tensor of α's shape; a numpy array when `alpha` is one.
     """
+    ops = _NUMPY_OPS if isinstance(alpha, np.ndarray) else keras.ops
     magnitude = ops.abs(ops.cast(alpha, "float32"))
     if structure == "layer":
         reference = ops.ones_like(ops.max(magnitude))
@@ -60,6 +91,21 @@ def keep_mask(alpha, threshold: float, structure: str, multiple_of: int | None =
     descending = ops.flip(ops.sort(flat), axis=0)
     floor = ops.take(descending, ops.maximum(rounded - 1, 0))  # the smallest |α| kept
     return ops.logical_or(keep, ops.logical_and(magnitude > 0, magnitude >= floor))
+
+
+def effective_alpha(alpha, threshold: float, structure: str, multiple_of: int | None,
+                    relative: bool, numpy: bool = False):
+    """α as the forward pass uses it: cut structures (`keep_mask`) zero and,
+    with `relative`, divided by the RMS of the kept α. float32; a numpy array
+    when `numpy` (the same rule, without backend ops)."""
+    ops = _NUMPY_OPS if numpy else keras.ops
+    alpha = ops.convert_to_tensor(alpha, "float32")
+    keep = ops.cast(keep_mask(alpha, threshold, structure, multiple_of), "float32")
+    alpha = alpha * keep
+    if relative:  # α relative to the RMS of the kept α
+        mean_square = ops.sum(ops.square(alpha)) / ops.maximum(ops.sum(keep), 1.0)
+        alpha = alpha * ops.rsqrt(ops.maximum(mean_square, 1e-30))
+    return alpha
 
 
 def check_multiple_of(value, who: str) -> None:
@@ -226,22 +272,18 @@ class PSP(keras.layers.Wrapper):
         if self.alpha_strength is not None:
             self.alpha_strength.assign(float(strength))
 
-    def effective_alpha(self, alpha=None):
+    def effective_alpha(self, alpha=None, numpy: bool = False):
         """The scales the layer computes with: α, cut structures zero, and with
         `relative` divided by the RMS of the kept α (a float32 tensor).
 
         Args:
             alpha: Values to use instead of the layer's α (same shape), e.g. a
                 candidate cut; None: the layer's own.
+            numpy: Compute in numpy and return a numpy array (offline work:
+                folding, masks), with the same rule as the forward pass.
         """
-        alpha = ops.convert_to_tensor(self.alpha if alpha is None else alpha, "float32")
-        keep = ops.cast(keep_mask(alpha, self.threshold, self.structure, self.multiple_of),
-                        alpha.dtype)
-        alpha = alpha * keep
-        if self.relative:  # α relative to the RMS of the kept α
-            mean_square = ops.sum(ops.square(alpha)) / ops.maximum(ops.sum(keep), 1.0)
-            alpha = alpha * ops.rsqrt(ops.maximum(mean_square, 1e-30))
-        return alpha
+        return effective_alpha(self.alpha if alpha is None else alpha, self.threshold,
+                               self.structure, self.multiple_of, self.relative, numpy)
 
     def effective_kernels(self, dtype=None, alpha=None) -> dict:
         """The wrapped layer's kernels with α folded in, by attribute name."""
@@ -264,8 +306,8 @@ class PSP(keras.layers.Wrapper):
 
     def mask(self) -> np.ndarray:
         """Numpy bool array of α's shape, True where a structure is kept."""
-        keep = keep_mask(self.alpha, self.threshold, self.structure, self.multiple_of)
-        return np.asarray(ops.convert_to_numpy(keep), dtype=bool)
+        alpha = np.asarray(ops.convert_to_numpy(self.alpha))
+        return keep_mask(alpha, self.threshold, self.structure, self.multiple_of)
 
     def norms(self) -> np.ndarray:
         """ℓ2 norm of each structure's kernel entries (α not applied), shaped as α."""
@@ -300,14 +342,24 @@ class PSP(keras.layers.Wrapper):
         """
         if alpha is None:
             self.check_finite("fold α into the kernel")
-        folded = self.effective_kernels("float32", alpha)
-        by_id = {id(getattr(self.layer, n)): n for n in self._handler.kernels}
+        scale = self.plan.expand(self.effective_alpha(alpha, numpy=True))
+        scale = np.asarray(ops.convert_to_numpy(scale), "float32")
+        kernels = set(self._handler.kernels)
         out = []
-        for variable in self.layer.weights:
-            name = by_id.get(id(variable))
-            value = folded[name] if name else variable
-            out.append(np.asarray(ops.convert_to_numpy(value)))
+        for name, variable in zip(self._weight_attributes(), self.layer.weights, strict=True):
+            value = np.asarray(ops.convert_to_numpy(variable))
+            if name == self.plan.kernel:
+                value = value.astype("float32") * scale
+            elif name in kernels:
+                value = value.astype("float32")
+            out.append(value)
         return out
+
+    def _weight_attributes(self) -> list:
+        """The attribute name of each of the wrapped layer's weights (None
+        for weights that are not one of the handler's kernels)."""
+        by_id = {id(getattr(self.layer, n)): n for n in self._handler.kernels}
+        return [by_id.get(id(v)) for v in self.layer.weights]
 
     def save_own_variables(self, store):
         self.check_finite("save the model")

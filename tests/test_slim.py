@@ -364,3 +364,38 @@ def test_multiple_of_rounds_widths_up_and_stays_exact(gather, rng):
                 assert gather and layer.kernel.shape[-2] % 4 == 0, layer.name
     with pytest.raises(ValueError, match="multiple_of must be a positive integer"):
         slim(model, multiple_of=0)
+
+
+class _NonTrainableFirst(L.Layer):
+    """Creates its non-trainable weight first: `weights` lists it last."""
+
+    def build(self, input_shape):
+        self.count = self.add_weight(shape=(2,), initializer="ones", trainable=False)
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="zeros")
+
+    def call(self, x):
+        return x * self.scale + keras.ops.sum(self.count)
+
+
+def test_slim_builds_layers_from_their_values_in_any_weight_order():
+    """`slim` creates a new layer's variables from the kept values as it
+    builds (no random initializers, no second assignment). For a layer whose
+    `weights` order is not its creation order, the mismatch shows, and slim
+    sets the weights after the build instead."""
+    from keras_psp.surgery.slim import _initial_values
+
+    values = [np.array([5.0, 6.0, 7.0], "float32"), np.array([2.0, 3.0], "float32")]
+    plain = L.Dense(3)
+    with _initial_values(plain, [np.full((4, 3), 0.5, "float32"), values[0]]) as created:
+        plain.build((None, 4))
+    assert [id(v) for v in created] == [id(v) for v in plain.weights]
+    np.testing.assert_array_equal(to_numpy(plain.kernel), np.full((4, 3), 0.5))
+    np.testing.assert_array_equal(to_numpy(plain.bias), values[0])
+    assert "add_weight" not in vars(plain)  # the layer is left as Keras made it
+
+    odd = _NonTrainableFirst()
+    with _initial_values(odd, [values[1], values[0]]) as created:  # in creation order
+        odd.build((None, 3))
+    np.testing.assert_array_equal(to_numpy(odd.count), values[1])
+    assert all(v is not None for v in created)
+    assert [id(v) for v in created] != [id(v) for v in odd.weights]  # slim then sets them

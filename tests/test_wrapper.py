@@ -60,6 +60,32 @@ def test_threshold_means_the_same_with_and_without_batchnorm(batchnorm, rng):
         assert not np.allclose(y_small, y, atol=1e-3)
 
 
+@pytest.mark.parametrize("structure, multiple_of", [
+    ("channel", None), ("channel", 8), ("filter", 4), ("layer", None)])
+def test_numpy_rule_equals_the_forward_passs(structure, multiple_of, rng):
+    """Masks and folding run the pruning rule in numpy; training runs it in
+    keras.ops. Both must cut and scale exactly the same structures."""
+    from keras_psp.wrapper import effective_alpha
+
+    size = 1 if structure == "layer" else 37
+    for trial in range(20):
+        alpha = rng.uniform(-1.5, 1.5, size).astype("float32")
+        alpha[rng.random(size) < 0.3] = 0.0  # exact zeros stay cut
+        alpha[rng.random(size) < 0.2] = 0.004  # ties, just under the 1e-2 threshold
+        if trial == 0:
+            alpha[:] = 0.0
+        numpy_mask = keep_mask(alpha, 1e-2, structure, multiple_of)
+        assert isinstance(numpy_mask, np.ndarray) and numpy_mask.dtype == bool
+        np.testing.assert_array_equal(
+            numpy_mask, to_numpy(keep_mask(keras.ops.convert_to_tensor(alpha), 1e-2,
+                                           structure, multiple_of)))
+        for relative in (False, True):
+            np.testing.assert_allclose(
+                effective_alpha(alpha, 1e-2, structure, multiple_of, relative, numpy=True),
+                to_numpy(effective_alpha(alpha, 1e-2, structure, multiple_of, relative)),
+                rtol=1e-6, atol=0)
+
+
 def test_cut_structures_are_zero_in_the_training_forward_pass(rng):
     model = wrap(small_cnn(batchnorm=False), layers=["conv1"])
     layer = model.get_layer("conv1")

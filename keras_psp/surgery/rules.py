@@ -30,10 +30,17 @@ from keras_psp.surgery.graph import width
 
 
 def _weights(op) -> list[np.ndarray]:
-    """The op's weights as numpy arrays (a PSP layer's with α folded in)."""
+    """The op's weights as numpy arrays (a PSP layer's with α folded in).
+
+    A new list of shared, read-only arrays: rules slice them into new ones
+    and never write into them. A plain layer's are read once per op.
+    """
     if op.arrays is not None:
-        return [np.array(w) for w in op.arrays]
-    return [np.asarray(w) for w in op.layer.get_weights()]
+        return list(op.arrays)
+    cached = op.__dict__.get("_weights")
+    if cached is None:
+        cached = op.__dict__["_weights"] = [np.asarray(w) for w in op.layer.get_weights()]
+    return list(cached)
 
 
 class Rule:

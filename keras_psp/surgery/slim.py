@@ -284,12 +284,13 @@ def _emit(plan: ChannelPlan, rule: Rule, op, values: dict, built: dict) -> list:
         built[id(op.layer)] = layer
     if weights is None:
         return keras.tree.flatten(layer(*args, **kwargs))
-    with _zero_initializers(layer):
+    values = None if isinstance(weights, keras.layers.Layer) else weights
+    with _zero_initializers(layer), _initial_values(layer, values) as created:
         outputs = keras.tree.flatten(layer(*args, **kwargs))
     if isinstance(weights, keras.layers.Layer):
         copy_state(weights, layer)
-    else:
-        layer.set_weights(weights)
+    elif [id(v) for v in created] != [id(v) for v in layer.weights]:
+        layer.set_weights(weights)  # not all built from `weights`, or in another order
     return outputs
 
 
@@ -327,6 +328,55 @@ def _zero_initializers(layer):
     finally:
         for name, value in saved.items():
             setattr(layer, name, value)
+
+
+class _Value(keras.initializers.Initializer):
+    """Initializes a variable with a given array."""
+
+    def __init__(self, value: np.ndarray):
+        self.value = value
+
+    def __call__(self, shape, dtype=None):
+        return np.asarray(self.value, dtype=keras.backend.standardize_dtype(dtype))
+
+
+@contextlib.contextmanager
+def _initial_values(layer, weights: list | None):
+    """While `layer` builds, its k-th `add_weight` starts from `weights[k]`.
+
+    Yields the list of variables created (in order) when every one of them
+    took its value that way; the caller checks that they are the layer's
+    `weights` in that order, and otherwise sets the weights after the build.
+    Creating each variable from its final value halves the cost of building
+    a slim model on TensorFlow (one eager op instead of an initializer, then
+    an assignment).
+    """
+    created: list = []
+    if not weights:
+        yield created
+        return
+    original = layer.add_weight
+
+    def add_weight(*args, **kwargs):
+        k = len(created)
+        shape = kwargs.get("shape", args[0] if args else None)
+        if k < len(weights) and shape is not None and tuple(shape) == weights[k].shape:
+            if len(args) > 1:
+                args = (args[0], _Value(weights[k]), *args[2:])
+            else:
+                kwargs["initializer"] = _Value(weights[k])
+            variable = original(*args, **kwargs)
+            created.append(variable)
+        else:
+            variable = original(*args, **kwargs)
+            created.append(None)  # not from `weights`: they are set afterwards
+        return variable
+
+    object.__setattr__(layer, "add_weight", add_weight)
+    try:
+        yield created
+    finally:
+        vars(layer).pop("add_weight", None)
 
 
 def slim_graph(graph: Graph, plan: ChannelPlan, name: str) -> keras.Model:
