@@ -18,6 +18,7 @@ import tempfile
 import keras
 import numpy as np
 
+from keras_psp._modules import callable_module
 from keras_psp.cloning import psp_layers
 from keras_psp.formats import FORMATS, Options
 from keras_psp.runtimes import by_name, input_specs, input_structure, random_inputs
@@ -411,3 +412,5 @@ def export(
     return ExportReport(**fields)
 
 
+
+callable_module(__name__, export)

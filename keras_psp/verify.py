@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from keras_psp._modules import callable_module
+
 
 class NonFiniteOutputError(ValueError):
     """A model produces NaN or inf: there is nothing to compare against."""
@@ -203,3 +205,6 @@ def compare_outputs(expected: list, actual: list) -> dict:
         agreement=min(agreements) if agreements else None,
         scale=scale,
     )
+
+
+callable_module(__name__, verify)

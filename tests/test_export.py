@@ -314,3 +314,20 @@ def test_compare_outputs_by_hand():
     assert compare_outputs(expected, [actual[0], np.array([1.0, np.nan])])["max_diff"] == np.inf
     with pytest.raises(ValueError, match=r"returns outputs of shapes \[\(2, 2\)\], but the reference"):
         compare_outputs(expected, actual[:1])
+
+
+def test_public_functions_do_not_shadow_their_modules():
+    """`keras_psp.export` and `keras_psp.verify` are the functions of the API
+    and the modules that hold their companions (`VerificationError`, ...)."""
+    import importlib
+    import inspect
+
+    module = importlib.import_module("keras_psp.export")
+    assert keras_psp.export is module and keras_psp.export.VerificationError is VerificationError
+    assert keras_psp.export.ExportReport is ExportReport
+    assert list(inspect.signature(keras_psp.export).parameters)[:3] == ["model", "path", "format"]
+    checks = importlib.import_module("keras_psp.verify")
+    assert keras_psp.verify is checks and callable(checks.compare_outputs)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    x = np.ones((4, 3), "float32")
+    assert keras_psp.verify(model, model, x) == 0.0  # calling the module runs verify
