@@ -7,7 +7,7 @@ here measures that split on the same scale the pruning rule uses:
 - each α is taken relative to its layer's reference (the largest |α| of the
   layer; 1 for a layer-wise α), exactly like `keep_mask`, so the statistic is
   unchanged by a uniform rescaling of a layer's α (which a BatchNormalization
-  after the layer cancels, DESIGN.md §3);
+  after the layer cancels: README, "How pruning decides");
 - on a log10 scale (floored at `FLOOR`, so "effectively zero" is one place),
   the threshold splits the values into a kept and a cut group, and Otsu's
   separability η = between-group variance / total variance (Otsu 1979) says
