@@ -412,5 +412,4 @@ def export(
     return ExportReport(**fields)
 
 
-
 callable_module(__name__, export)

@@ -344,22 +344,15 @@ class PSP(keras.layers.Wrapper):
             self.check_finite("fold α into the kernel")
         scale = self.plan.expand(self.effective_alpha(alpha, numpy=True))
         scale = np.asarray(ops.convert_to_numpy(scale), "float32")
-        kernels = set(self._handler.kernels)
+        kernels = {id(getattr(self.layer, n)): n for n in self._handler.kernels}
         out = []
-        for name, variable in zip(self._weight_attributes(), self.layer.weights, strict=True):
+        for variable in self.layer.weights:
             value = np.asarray(ops.convert_to_numpy(variable))
-            if name == self.plan.kernel:
-                value = value.astype("float32") * scale
-            elif name in kernels:
-                value = value.astype("float32")
+            name = kernels.get(id(variable))
+            if name is not None:  # kernels in float32, the α-scaled one times α
+                value = value.astype("float32") * (scale if name == self.plan.kernel else 1)
             out.append(value)
         return out
-
-    def _weight_attributes(self) -> list:
-        """The attribute name of each of the wrapped layer's weights (None
-        for weights that are not one of the handler's kernels)."""
-        by_id = {id(getattr(self.layer, n)): n for n in self._handler.kernels}
-        return [by_id.get(id(v)) for v in self.layer.weights]
 
     def save_own_variables(self, store):
         self.check_finite("save the model")

@@ -35,6 +35,7 @@ class Op:
         arrays: Weights to use instead of `layer.get_weights()` (set by
             `unwrap` for a PSP layer: its plain layer's weights, α folded).
         source: The layer the model calls (a PSP wrapper after `unwrap`).
+        plain_weights: `layer.get_weights()`, read once by the surgery rules.
     """
 
     layer: keras.layers.Layer
@@ -44,6 +45,7 @@ class Op:
     local: dict[int, int]
     arrays: list | None = None
     source: object = None
+    plain_weights: list | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
         if self.source is None:

@@ -35,12 +35,11 @@ def _weights(op) -> list[np.ndarray]:
     A new list of shared, read-only arrays: rules slice them into new ones
     and never write into them. A plain layer's are read once per op.
     """
-    if op.arrays is not None:
-        return list(op.arrays)
-    cached = op.__dict__.get("_weights")
-    if cached is None:
-        cached = op.__dict__["_weights"] = [np.asarray(w) for w in op.layer.get_weights()]
-    return list(cached)
+    if op.arrays is None:
+        if op.plain_weights is None:
+            op.plain_weights = [np.asarray(w) for w in op.layer.get_weights()]
+        return list(op.plain_weights)
+    return list(op.arrays)
 
 
 class Rule:

@@ -345,12 +345,11 @@ class _Value(keras.initializers.Initializer):
 def _initial_values(layer, weights: list | None):
     """While `layer` builds, its k-th `add_weight` starts from `weights[k]`.
 
-    Yields the list of variables created (in order) when every one of them
-    took its value that way; the caller checks that they are the layer's
-    `weights` in that order, and otherwise sets the weights after the build.
-    Creating each variable from its final value halves the cost of building
-    a slim model on TensorFlow (one eager op instead of an initializer, then
-    an assignment).
+    Yields the variables created, in order, with None for each that did not
+    take its value that way (its shape differed); the caller compares them
+    with the layer's `weights` and, unless all match in order, sets the
+    weights after the build. Creating each variable from its final value
+    saves an initializer and an assignment per variable on TensorFlow.
     """
     created: list = []
     if not weights:
@@ -361,16 +360,13 @@ def _initial_values(layer, weights: list | None):
     def add_weight(*args, **kwargs):
         k = len(created)
         shape = kwargs.get("shape", args[0] if args else None)
-        if k < len(weights) and shape is not None and tuple(shape) == weights[k].shape:
-            if len(args) > 1:
-                args = (args[0], _Value(weights[k]), *args[2:])
-            else:
-                kwargs["initializer"] = _Value(weights[k])
-            variable = original(*args, **kwargs)
-            created.append(variable)
-        else:
-            variable = original(*args, **kwargs)
-            created.append(None)  # not from `weights`: they are set afterwards
+        matches = k < len(weights) and shape is not None and tuple(shape) == weights[k].shape
+        if matches and len(args) > 1:
+            args = (args[0], _Value(weights[k]), *args[2:])
+        elif matches:
+            kwargs["initializer"] = _Value(weights[k])
+        variable = original(*args, **kwargs)
+        created.append(variable if matches else None)
         return variable
 
     object.__setattr__(layer, "add_weight", add_weight)
