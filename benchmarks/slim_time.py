@@ -4,13 +4,23 @@ Targets: ResNet50 < 1 s, DenseNet121 < 2 s (issue 15), linear in the number of l
 (ResNet50 → 101 → 152: seconds per layer about constant). Each model is
 wrapped (`channel` α), 40 % of α cut at random; median of `--repeats` runs.
 
-    python benchmarks/slim_time.py [--repeats 5]
+    python benchmarks/slim_time.py [--repeats 5] [--models ResNet50,DenseNet121]
+
+`--against DIR` compares with another checkout of keras_psp (an earlier
+commit: `git worktree add /tmp/old <commit>`): each model is timed in fresh
+processes, that checkout and this one in turn, `--pairs` times, and the
+medians and their ratio are printed (this machine is noisy: one run of each
+is not a comparison).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import pathlib
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -36,32 +46,76 @@ def pruned(name: str, rng) -> keras.Model:
     return model
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    rows, per_layer = [], {}
-    for name in MODELS:
+def seconds_per_model(models, repeats: int) -> dict[str, tuple[float, int]]:
+    """Median `slim` time and layer count of each model (one process)."""
+    out = {}
+    for name in models:
         model = pruned(name, np.random.default_rng(0))
-        layers = len(list(iter_layers(model)))
         slim(model)  # first call: imports, tracing caches
         times = []
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             start = time.perf_counter()
             slim(model)
             times.append(time.perf_counter() - start)
-        seconds = median(times)
+        out[name] = (median(times), len(list(iter_layers(model))))
+        keras.backend.clear_session()
+    return out
+
+
+def compare(models, repeats: int, pairs: int, against: str) -> None:
+    """Times `against`'s keras_psp and this one's in turn, in fresh processes."""
+    here = str(pathlib.Path(__file__).resolve().parents[1])
+    roots = {"before": str(pathlib.Path(against).resolve()), "after": here}
+    runs = {label: {name: [] for name in models} for label in roots}
+    for pair in range(pairs):
+        for label, root in roots.items():
+            env = {**os.environ, "PYTHONPATH": root}
+            command = [sys.executable, __file__, "--json", "--repeats", str(repeats),
+                       "--models", ",".join(models)]
+            result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+            for name, (seconds, _) in json.loads(result.stdout.splitlines()[-1]).items():
+                runs[label][name].append(seconds)
+            print(f"pair {pair + 1} {label}:",
+                  {n: round(v[-1], 2) for n, v in runs[label].items()}, flush=True)
+    rows = [(name, f"{median(runs['before'][name]):.2f}", f"{median(runs['after'][name]):.2f}",
+             f"{median(runs['after'][name]) / median(runs['before'][name]):.2f}")
+            for name in models]
+    print_table(f"slim wall time, {pairs} interleaved pairs of processes, medians "
+                f"(before: {against})", rows, ("model", "before s", "after s", "after / before"))
+    print(f"\nafter / before, {models[0]}: {rows[0][3]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names")
+    parser.add_argument("--against", default=None, help="another keras_psp checkout")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(models) - set(dir(keras.applications)))
+    if unknown:
+        parser.error(f"unknown keras.applications model(s): {', '.join(unknown)}")
+    if args.against:
+        return compare(models, args.repeats, args.pairs, args.against)
+    measured = seconds_per_model(models, args.repeats)
+    if args.json:
+        print(json.dumps(measured))
+        return None
+    rows, per_layer = [], {}
+    for name, (seconds, layers) in measured.items():
         per_layer[name] = seconds / layers
         target = TARGETS.get(name)
         verdict = "" if target is None else ("ok" if seconds < target else "SLOW")
         rows.append((name, layers, f"{seconds:.2f}", f"{per_layer[name] * 1e3:.2f}",
                      f"< {target:g} s {verdict}" if target else ""))
-        print(*rows[-1], flush=True)
-        keras.backend.clear_session()
     print_table(f"slim wall time, median of {args.repeats} (224×224 inputs)", rows,
                 ("model", "layers", "seconds", "ms / layer", "target"))
-    print(f"\nms per layer, ResNet152 / ResNet50 (1.0 = linear): "
-          f"{per_layer['ResNet152'] / per_layer['ResNet50']:.2f}")
+    if "ResNet50" in per_layer and "ResNet152" in per_layer:
+        print(f"\nms per layer, ResNet152 / ResNet50 (1.0 = linear): "
+              f"{per_layer['ResNet152'] / per_layer['ResNet50']:.2f}")
+    return None
 
 
 if __name__ == "__main__":
