@@ -1,28 +1,13 @@
-"""Interleaved timing helpers shared by the benchmark scripts."""
+"""Table printing for the benchmark scripts; interleaved timing is the package's
+(`keras_psp.timing.interleaved`), re-exported here for them."""
 
 from __future__ import annotations
 
 import statistics
-import time
-from collections.abc import Callable
 
+from keras_psp.timing import interleaved
 
-def interleaved(cases: dict[str, Callable[[], None]], rounds: int, warmup: int = 2):
-    """Times each case `rounds` times, alternating A B A B ...; returns samples.
-
-    Each case is a zero-argument callable that runs the work to time and blocks
-    until it is done. Every case first runs `warmup` untimed times.
-    """
-    for fn in cases.values():
-        for _ in range(warmup):
-            fn()
-    samples = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return samples
+__all__ = ["interleaved", "median", "print_table"]
 
 
 def median(values) -> float:

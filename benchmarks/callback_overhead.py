@@ -49,7 +49,8 @@ def main():
     import keras
 
     import keras_psp
-    from keras_psp.datasets import load_fashion_mnist
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+    from _local_data import load_fashion_mnist
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=60_000, help="training images per epoch")

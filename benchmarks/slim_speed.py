@@ -39,8 +39,8 @@ from _deploy import litert_predict, litert_runner, tflite_bytes, xla_runner  # n
 from _timing import interleaved, median, print_table  # noqa: E402
 
 from keras_psp import count_flops, slim, wrap  # noqa: E402
+from keras_psp.graph import flatten  # noqa: E402
 from keras_psp.models import cifar_resnet  # noqa: E402
-from keras_psp.surgery.graph import flatten  # noqa: E402
 
 DEPTH, WIDTHS = 56, (16, 32, 64)
 BLOCKS = (DEPTH - 2) // 6

@@ -24,15 +24,20 @@ LiteRT batch 1) before → after, and the accuracy against the reference.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import sys
 import time
 
 import keras
 import numpy as np
 
 import keras_psp
-from keras_psp.datasets import load_fashion_mnist
-from keras_psp.models import cifar_resnet
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _local_data import load_fashion_mnist  # noqa: E402  (examples/)
+
+from keras_psp.models import cifar_resnet  # noqa: E402
 
 #: Training images whose BN statistics the pruned model is re-estimated on.
 RECALIBRATION = 4096
@@ -239,15 +244,9 @@ def litert_ms(a: str, b: str, x, rounds: int = 15, invokes: int = 20) -> tuple[f
     from keras_psp.runtimes import LiteRTRunner
 
     runners = [LiteRTRunner(path, threads=1) for path in (a, b)]
-    prepared = [runner.prepare([x]) for runner in runners]
-    times = ([], [])
-    for _ in range(rounds):
-        for runner, inputs, bucket in zip(runners, prepared, times, strict=True):
-            start = time.perf_counter()
-            for _ in range(invokes):
-                runner.run(inputs)
-            bucket.append((time.perf_counter() - start) * 1e3 / invokes)
-    return float(np.median(times[0])), float(np.median(times[1]))
+    cases = {i: functools.partial(r.run, r.prepare([x])) for i, r in enumerate(runners)}
+    ms = keras_psp.timing.medians_ms(keras_psp.timing.interleaved(cases, rounds, invokes))
+    return ms[0], ms[1]
 
 
 def latency_ms(a, b, x, rounds: int = 15) -> tuple[float, float]:
@@ -256,15 +255,9 @@ def latency_ms(a, b, x, rounds: int = 15) -> tuple[float, float]:
 
     fns = [tf.function(m.__call__, jit_compile=True) for m in (a, b)]
     x = tf.constant(x)
-    times = ([], [])
-    for fn in fns:  # compile and warm up
-        fn(x, training=False)
-    for _ in range(rounds):
-        for fn, bucket in zip(fns, times, strict=True):
-            start = time.perf_counter()
-            np.asarray(fn(x, training=False))
-            bucket.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times[0])), float(np.median(times[1]))
+    cases = {i: (lambda fn=fn: np.asarray(fn(x, training=False))) for i, fn in enumerate(fns)}
+    ms = keras_psp.timing.medians_ms(keras_psp.timing.interleaved(cases, rounds, warmup=1))
+    return ms[0], ms[1]
 
 
 if __name__ == "__main__":

@@ -18,14 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import keras
 import numpy as np
 
 import keras_psp
-from keras_psp.datasets import load_fashion_mnist
-from keras_psp.models import cifar_resnet
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _local_data import load_fashion_mnist  # noqa: E402  (examples/)
+
+from keras_psp.models import cifar_resnet  # noqa: E402
 
 
 def parse_args(argv=None):

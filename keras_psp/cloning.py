@@ -14,8 +14,10 @@ from collections.abc import Callable, Iterable, Iterator
 import keras
 
 from keras_psp.copying import copy_layer, copy_state
+from keras_psp.folding import unwrap
+from keras_psp.graph import flatten, rebuild
 from keras_psp.groups import GROUP, group_layers, group_views, wrap_groups
-from keras_psp.structures import STRUCTURES, get_handler, supported_layer_types
+from keras_psp.layers import STRUCTURES, handler_of
 from keras_psp.wrapper import PSP
 
 LayerSelector = str | type | Callable | Iterable | None
@@ -94,7 +96,7 @@ def _selector(layers: LayerSelector, model) -> tuple[Callable, bool]:
             f"'{model.name}'. Check the names with `model.summary()`."
         )
     for cls in types:
-        if cls not in supported_layer_types():
+        if handler_of(cls) is None:
             raise TypeError(
                 f"`layers` selects type {cls.__name__}, which PSP cannot wrap."
             )
@@ -161,7 +163,7 @@ def wrap(
             return copy_layer(layer)
         if not wanted(layer):
             return copy_layer(layer)
-        handler = get_handler(layer)
+        handler = handler_of(layer)
         if handler is None or structure not in handler.structures:
             if explicit:
                 PSP(copy_layer(layer), structure=structure, **psp_kwargs)  # raises
@@ -211,8 +213,6 @@ def wrap(
 
 def _cancelled_by_batchnorm(model) -> list[str]:
     """PSP layers with output-side α (filter, layer) read only by BN layers."""
-    from keras_psp.surgery.graph import flatten
-
     graph = flatten(model)
     readers = graph.consumers()
     names = []
@@ -271,8 +271,6 @@ def _strip_groups(model) -> keras.Model:
     """`strip` for a model with channel groups: α folds into the kernels of
     the layers that read them, and the `ChannelGroups` calls leave the graph
     (rebuilt flat: nested models are inlined)."""
-    from keras_psp.surgery.graph import flatten, rebuild, unwrap
-
     graph = unwrap(flatten(model))
     built = {}
 

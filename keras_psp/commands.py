@@ -9,9 +9,8 @@ one line on stderr.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import statistics
-import time
 import zipfile
 
 import keras
@@ -26,6 +25,7 @@ from keras_psp.runtimes import (
     input_structure,
     random_inputs,
 )
+from keras_psp.timing import interleaved, medians_ms
 
 #: Random inputs `slim` is verified on.
 SLIM_CHECK_SAMPLES = 32
@@ -195,16 +195,11 @@ def bench(args: argparse.Namespace) -> int:
     prepared = [runners[0].prepare(arrays)]
     for runner in runners[1:]:
         prepared.append(runner.prepare(_aligned(runners[0], runner, arrays)))
-    for runner, inputs in zip(runners, prepared, strict=True):
-        for _ in range(args.warmup):
-            runner.run(inputs)
-    samples = [[] for _ in runners]
-    for _ in range(args.rounds):  # interleaved: A B A B ...
-        for i, (runner, inputs) in enumerate(zip(runners, prepared, strict=True)):
-            start = time.perf_counter()
-            runner.run(inputs)
-            samples[i].append(time.perf_counter() - start)
-    medians = [statistics.median(s) * 1e3 for s in samples]
+    cases = {i: functools.partial(runner.run, inputs)
+             for i, (runner, inputs) in enumerate(zip(runners, prepared, strict=True))}
+    by_case = interleaved(cases, args.rounds, warmup=args.warmup)  # A B A B ...
+    samples = list(by_case.values())
+    medians = list(medians_ms(by_case).values())
     print(
         f"bench: batch {args.batch_size}, {args.rounds} interleaved rounds"
         + (" (A B A B …)" if len(runners) > 1 else "")

@@ -35,6 +35,9 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_psp.copying import copy_layer, copy_state
+from keras_psp.graph import flatten, rebuild, width
+from keras_psp.layers import Passthrough, handler_of, register_layer
 from keras_psp.penalties import (
     DEFAULT_PENALTY,
     VariableStrength,
@@ -42,8 +45,9 @@ from keras_psp.penalties import (
     is_relative,
     strength_attribute,
 )
-from keras_psp.surgery.graph import width
-from keras_psp.wrapper import DEFAULT_THRESHOLD, check_multiple_of, effective_alpha, keep_mask
+from keras_psp.surgery.coupling import couple, live_ops
+from keras_psp.surgery.rules import rule_for
+from keras_psp.wrapper import DEFAULT_THRESHOLD, PSP, check_multiple_of, effective_alpha, keep_mask
 
 #: Default `multiple_of` of group α: kept widths that are multiples of 8 ran
 #: ResNet-56 at 0.48x FLOPs 1.54x (XLA) and 1.58x (LiteRT) faster than unpruned;
@@ -242,6 +246,10 @@ class ChannelGroups(keras.layers.Layer):
         return config
 
 
+# Per channel: surgery slices it like BN; `unwrap` folds it into its reader; no MACs.
+register_layer(ChannelGroups, rule=Passthrough())
+
+
 def _gather_index(table: np.ndarray, widths) -> tuple[list[int], np.ndarray]:
     """The groups a reader's `table` uses, and where each of its channels sits
     in `[1] + concatenate(α of those groups)` (0: the constant 1)."""
@@ -339,8 +347,6 @@ class Group:
 
     def norms(self) -> np.ndarray:
         """ℓ2 norm of every channel's weights over all the group's readers."""
-        from keras_psp.structures import get_handler
-
         total = np.zeros(self.layer.widths[self.index])
         seen = set()
         for op, index in self._sites():
@@ -349,7 +355,7 @@ class Group:
             if not mine.any() or id(op.layer) in seen:
                 continue
             seen.add(id(op.layer))
-            plan = get_handler(op.layer).plan(op.layer, "channel")
+            plan = handler_of(op.layer).plan(op.layer, "channel")
             kernel = np.asarray(ops.convert_to_numpy(getattr(op.layer, plan.kernel)), "float64")
             rows = np.ravel(plan.reduce(kernel**2))
             np.add.at(total, table[mine, 1], rows[mine])
@@ -391,8 +397,6 @@ class _Sites:
 
 def reader_sites(model, layer: ChannelGroups) -> list[tuple]:
     """(reader op, index) for every call of `layer` in `model`'s flat graph."""
-    from keras_psp.surgery.graph import flatten
-
     graph = flatten(model)
     readers = graph.consumers()
     sites = []
@@ -416,9 +420,6 @@ def find_groups(graph) -> tuple[list, dict, list[str]]:
         position) per input channel (-1: no group); `barriers` names the
         layers that keep channels for a reason the user should know.
     """
-    from keras_psp.surgery.rules import rule_for
-    from keras_psp.surgery.slim import _live_ops, couple
-
     shapes = graph.shapes
     rules, barriers = [], []
     for op in graph.ops:
@@ -427,7 +428,7 @@ def find_groups(graph) -> tuple[list, dict, list[str]]:
         if why is not None and op.layer.name not in barriers:
             barriers.append(f"'{op.layer.name}' ({why})")
     rule_of = {id(op): rule for op, rule in zip(graph.ops, rules, strict=True)}
-    live = _live_ops(graph, {})
+    live = live_ops(graph, {})
     ops = [(op, rule_of[id(op)]) for op in graph.ops if id(op) in live]
     coupling = couple(graph, ops, rule_of, {}, graph.shared())
     labels = coupling.labels
@@ -480,10 +481,6 @@ def find_groups(graph) -> tuple[list, dict, list[str]]:
 
 def wrap_groups(model: keras.Model, **kwargs) -> keras.Model:
     """`wrap(model, structure="group")`: see `keras_psp.wrap`."""
-    from keras_psp.copying import copy_layer, copy_state
-    from keras_psp.surgery.graph import flatten, rebuild
-    from keras_psp.wrapper import PSP
-
     graph = flatten(model)
     if any(isinstance(op.layer, (PSP, ChannelGroups)) for op in graph.ops):
         raise ValueError(f"wrap: model '{model.name}' already has PSP layers or channel groups; "
@@ -545,8 +542,6 @@ def fold_groups(graph, alphas: dict | None = None) -> None:
         alphas: Candidate α by `id` of a group's α variable; others fold
             their own.
     """
-    from keras_psp.structures import get_handler
-
     calls = [op for op in graph.ops if isinstance(op.layer, ChannelGroups)]
     if not calls:
         return
@@ -565,7 +560,7 @@ def fold_groups(graph, alphas: dict | None = None) -> None:
         alias[op.outputs[0]] = op.inputs[0]
         for reader in readers.get(op.outputs[0], []):
             inner = reader.layer
-            handler = get_handler(inner)
+            handler = handler_of(inner)
             if handler is None or "channel" not in handler.structures:
                 raise TypeError(f"ChannelGroups '{layer.name}' scales the input of layer "
                                 f"'{inner.name}' ({type(inner).__name__}), which it cannot "

@@ -47,9 +47,11 @@ import keras
 import numpy as np
 
 from keras_psp.cloning import check_graph_model, psp_layers
-from keras_psp.flops import mac_function
-from keras_psp.surgery.graph import flatten, unwrap, width
+from keras_psp.folding import unwrap
+from keras_psp.graph import flatten, width
+from keras_psp.layers import family
 from keras_psp.surgery.slim import plan_channels, slim_graph
+from keras_psp.timing import interleaved, medians_ms
 
 #: The runtimes `profile` can measure.
 RUNTIMES = ("litert", "xla")
@@ -201,7 +203,7 @@ def _sites(graph, plan) -> list[_Site]:
     rule_of = {id(op): rule for op, rule in zip(graph.ops, plan.rules, strict=True)}
     sites = []
     for index, op in enumerate(graph.ops):
-        if id(op) not in plan.live or mac_function(op.layer) is None:
+        if id(op) not in plan.live or family(op.layer).macs is None:
             continue
         key_in, key_out = op.inputs[0], op.outputs[0]
         shape = graph.shapes[key_in]
@@ -258,17 +260,8 @@ def _median_times(runs: list, rounds: int, invokes: int, seed: int = 0) -> list[
     """Median ms per call of each zero-argument function in `runs`, timed
     interleaved: `rounds` rounds, each calling every function `invokes`
     times, in a fresh random order."""
-    rng = np.random.default_rng(seed)
-    times = [[] for _ in runs]
-    for run in runs:  # warm up
-        run()
-    for _ in range(rounds):
-        for i in rng.permutation(len(runs)):
-            start = time.perf_counter()
-            for _ in range(invokes):
-                runs[i]()
-            times[i].append((time.perf_counter() - start) * 1e3 / invokes)
-    return [float(np.median(t)) for t in times]
+    samples = interleaved(dict(enumerate(runs)), rounds, invokes, warmup=1, seed=seed)
+    return list(medians_ms(samples).values())
 
 
 def _fixed_specs(model: keras.Model, batch: int) -> list[tuple]:

@@ -1,4 +1,11 @@
-"""Reference architectures used by the main job, the tests and benchmarks."""
+"""The PSP paper's reference architectures as plain Keras functional models.
+
+Part of the public API (README, "Reference architectures"): CIFAR ResNets
+(`cifar_resnet`, post- or pre-activation, widths and inner widths of one's
+choice), ImageNet ResNets (`imagenet_resnet`), DenseNets (`densenet`) and a
+small VGG (`vgg`). The main job, the study, the paper examples, the tests and
+the benchmarks build their models here.
+"""
 
 from __future__ import annotations
 

@@ -17,9 +17,10 @@ import numpy as np
 
 from keras_psp.cloning import psp_layers
 from keras_psp.flops import _check, layer_flops
+from keras_psp.graph import flatten
 from keras_psp.groups import ChannelGroups, group_views
 from keras_psp.stats import FLOOR, layer_stats, model_stats
-from keras_psp.surgery.graph import flatten
+from keras_psp.surgery.slim import slim
 from keras_psp.wrapper import PSP
 
 #: Shown for the structure and kept/total of layers without PSP.
@@ -86,8 +87,6 @@ def summary(
     """
     _check(model, "summarize")
     if slim_model is None:
-        from keras_psp.surgery.slim import slim
-
         slim_model = slim(model)
     flops_before, flops_after = layer_flops(model), layer_flops(slim_model)
     after = _layers(slim_model)

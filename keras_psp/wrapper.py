@@ -6,6 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_psp.layers import STRUCTURES, handler_of, registry, wrappable_types
 from keras_psp.penalties import (
     DEFAULT_PENALTY,
     VariableStrength,
@@ -14,7 +15,6 @@ from keras_psp.penalties import (
     strength_attribute,
 )
 from keras_psp.penalties import DEFAULT_STRENGTH as DEFAULT_STRENGTHS
-from keras_psp.structures import STRUCTURES, get_handler, supported_layer_types
 
 #: Default strength of the default α penalty ("relative_l1").
 DEFAULT_STRENGTH = DEFAULT_STRENGTHS[DEFAULT_PENALTY]
@@ -178,13 +178,19 @@ class PSP(keras.layers.Wrapper):
                 f"Layer '{name}' is already wrapped in PSP; wrap the plain layer "
                 "once, or use `layer.layer` to reach the wrapped layer."
             )
-        self._handler = get_handler(layer)
+        self._handler = handler_of(layer)
         if self._handler is None:
-            names = ", ".join(sorted(t.__name__ for t in supported_layer_types()))
+            names = ", ".join(sorted(t.__name__ for t in wrappable_types()))
+            family = registry.family(layer)
+            why = ""
+            if family.registered is not None and family.registered is not type(layer):
+                why = (f" It subclasses {family.registered.__name__} but has its own `call`, "
+                       "whose math keras_psp cannot know.")
             raise TypeError(
-                f"PSP cannot wrap layer '{name}' of type {type(layer).__name__}. "
+                f"PSP cannot wrap layer '{name}' of type {type(layer).__name__}.{why} "
                 f"Supported layer types: {names}. Leave this layer unwrapped, or "
-                "register a handler with keras_psp.structures.register_handler."
+                "register its family with keras_psp.register_layer(handler=...) (README, "
+                "'Extending keras_psp')."
             )
         if structure not in STRUCTURES:
             raise ValueError(
@@ -302,7 +308,11 @@ class PSP(keras.layers.Wrapper):
         return self._handler.finish(self.layer, outputs)
 
     def compute_output_shape(self, input_shape):
-        return self.layer.compute_output_shape(input_shape)
+        try:
+            return self.layer.compute_output_shape(input_shape)
+        except NotImplementedError:  # a custom layer without one: trace its own call
+            spec = keras.KerasTensor(tuple(input_shape), dtype=self.layer.compute_dtype)
+            return tuple(self.layer.compute_output_spec(spec).shape)
 
     def mask(self) -> np.ndarray:
         """Numpy bool array of α's shape, True where a structure is kept."""

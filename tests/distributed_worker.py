@@ -51,7 +51,7 @@ def setup(config):
 def data(config):
     import numpy as np
 
-    from keras_psp.datasets import load_digits
+    from helpers import load_digits
 
     (x, y), _ = load_digits()
     n = config["batch"] * config["steps"]

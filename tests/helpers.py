@@ -4,6 +4,21 @@ import keras
 import numpy as np
 from keras import layers as L
 
+
+def load_digits(test_fraction: float = 0.25, seed: int = 0):
+    """scikit-learn's 8×8 digits (they ship inside scikit-learn) as
+    `((x_train, y_train), (x_test, y_test))`, images float32 in [0, 1], `(N, 8, 8, 1)`."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    data = sk_digits()
+    x = (data.images.astype("float32") / 16.0)[..., None]
+    y = data.target.astype("int32")
+    order = np.random.default_rng(seed).permutation(len(x))
+    split = int(len(x) * (1 - test_fraction))
+    train, test = order[:split], order[split:]
+    return (x[train], y[train]), (x[test], y[test])
+
+
 # (factory, input shape without batch): one case per supported layer family.
 LAYER_CASES = {
     "conv1d_causal": (lambda: L.Conv1D(6, 3, padding="causal", activation="relu"), (9, 4)),

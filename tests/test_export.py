@@ -8,8 +8,7 @@ import pytest
 from keras import layers as L
 
 import keras_psp
-from helpers import small_cnn, to_numpy
-from keras_psp.datasets import load_digits
+from helpers import load_digits, small_cnn, to_numpy
 from keras_psp.export import ExportReport, VerificationError
 from keras_psp.formats import FORMATS, Format
 from keras_psp.samples import collect

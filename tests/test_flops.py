@@ -9,7 +9,6 @@ from keras import layers as L
 
 import keras_psp
 from keras_psp import PSP, count_flops, count_params, slim, wrap
-from keras_psp import flops as flops_module
 from keras_psp.cloning import psp_layers
 from keras_psp.models import cifar_resnet
 
@@ -144,9 +143,11 @@ def test_unknown_layer_with_weights_warns_once():
     assert len(record) == 1 and str(record[0].message).count("'scale'") == 1
 
 
-def test_register_macs(monkeypatch):
-    monkeypatch.setattr(flops_module, "_REGISTRY", dict(flops_module._REGISTRY))
-    flops_module.register_macs(Scale)(lambda layer, shape_in, shape_out: shape_in[-1])
+def test_register_layer_macs(monkeypatch):
+    from keras_psp.layers import registry
+
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
+    keras_psp.register_layer(Scale, macs=lambda layer, shape_in, shape_out: shape_in[-1])
     inputs = keras.Input((3, 5))
     model = keras.Model(inputs, Scale()(inputs))
     assert count_flops(model) == 5

@@ -7,8 +7,8 @@ from keras import layers as L
 
 import keras_psp
 from keras_psp import models
+from keras_psp.graph import flatten
 from keras_psp.groups import ChannelGroups, decode, encode, group_layers, group_views
-from keras_psp.surgery.graph import flatten
 
 #: slim must equal the pruned model: relative to the largest |output|.
 RTOL = 1e-4

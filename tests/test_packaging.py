@@ -1,5 +1,8 @@
-"""The console entry point, the datasets and the plain-Keras output."""
+"""The console entry point, the examples' data and the plain-Keras output."""
 
+import importlib.util
+import os
+import pathlib
 import subprocess
 
 import keras
@@ -7,7 +10,8 @@ import numpy as np
 import pytest
 
 import keras_psp
-from keras_psp import datasets
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_console_entry_point_version():
@@ -17,22 +21,32 @@ def test_console_entry_point_version():
     # --help itself runs in-process in tests/test_cli.py (each process start imports TF)
 
 
-def test_load_digits_is_real_and_split():
-    (x, y), (xt, yt) = datasets.load_digits()
-    assert x.shape[1:] == (8, 8, 1) and len(x) + len(xt) == 1797
-    assert x.dtype == np.float32 and 0.0 <= x.min() and x.max() <= 1.0
-    assert set(np.unique(y)) == set(range(10))
+def _local_data():
+    spec = importlib.util.spec_from_file_location("_local_data", ROOT / "examples" / "_local_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"),
+                    reason="Debian's dataset-fashion-mnist is not installed (scripts/setup.sh "
+                    "installs it where apt-get can run)")
+def test_fashion_mnist_is_read_in_place_from_debians_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    (x, y), (xt, yt) = _local_data().load_fashion_mnist()
+    assert x.shape == (60000, 28, 28, 1) and xt.shape == (10000, 28, 28, 1)
+    assert x.dtype == np.float32 and 0.0 == x.min() and x.max() == 1.0
+    assert np.bincount(y).tolist() == [6000] * 10 and np.bincount(yt).tolist() == [1000] * 10
+    assert list(tmp_path.iterdir()) == []  # nothing copied into the user's ~/.keras
 
 
 def test_fashion_mnist_missing_gives_an_instruction(tmp_path, monkeypatch):
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-
     def offline():
         raise OSError("no network")
 
     monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", offline)
     with pytest.raises(RuntimeError, match="apt-get install dataset-fashion-mnist"):
-        datasets.load_fashion_mnist(source=str(tmp_path / "absent"))
+        _local_data().load_fashion_mnist(source=str(tmp_path / "absent"))
 
 
 def test_stripped_model_loads_without_keras_psp(tmp_path):
@@ -125,3 +139,36 @@ def test_every_import_of_the_package_is_a_declared_dependency():
     assert not undeclared, undeclared
     assert {"keras", "numpy", "scipy", "tensorflow"} <= base
     assert "tensorflow-datasets" not in base and "tensorboard" not in base  # examples only
+
+
+def test_the_package_has_no_import_cycles():
+    """Every `from keras_psp... import` (at module level or inside a function)
+    forms an acyclic graph of modules: no lazy import hides a cycle."""
+    import ast
+
+    package = ROOT / "keras_psp"
+    graph = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        targets = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("keras_psp"):
+                targets.add(node.module)
+    state = {}
+
+    def visit(name, stack):
+        state[name] = "open"
+        for target in sorted(graph.get(name, ())):
+            if target == name or target.startswith(name + "."):
+                continue  # a package importing its own submodules
+            if state.get(target) == "open":
+                raise AssertionError(f"import cycle: {' -> '.join(stack + [target])}")
+            if target not in state:
+                visit(target, stack + [target])
+        state[name] = "done"
+
+    assert len(graph) > 30
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])

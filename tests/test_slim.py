@@ -203,19 +203,19 @@ def test_keras_applications(name, rng):
 
 
 def test_slim_check_inputs_catches_a_wrong_rebuild(rng, monkeypatch):
-    from keras_psp.surgery import rules
+    from keras_psp.layers.dense import DenseRule
 
     model = _prune_randomly(wrap(cifar_resnet(8, input_shape=(8, 8, 3))), rng)
     x = rng.random((2, 8, 8, 3)).astype("float32")
     assert slim(model, check_inputs=x) is not None
-    original = rules.DenseRule.rebuild
+    original = DenseRule.rebuild
 
     def broken(self, op, present_in, present_out, bias=None):
         layer, weights = original(self, op, present_in, present_out, bias)
         weights[1] = weights[1] + np.arange(len(weights[1]))  # changes the softmax
         return layer, weights
 
-    monkeypatch.setattr(rules.DenseRule, "rebuild", broken)
+    monkeypatch.setattr(DenseRule, "rebuild", broken)
     with pytest.raises(RuntimeError, match="slim model differs"):
         slim(model, check_inputs=x)
 

@@ -7,14 +7,14 @@ from keras import layers as L
 
 from helpers import LAYER_CASES, built_pair, to_numpy
 from keras_psp import PSP, STRUCTURES
-from keras_psp.structures import get_handler
+from keras_psp.layers import handler_of
 
 CASE_NAMES = sorted(LAYER_CASES)
 
 
 def _fits(case, structure):
     factory, _ = LAYER_CASES[case]
-    return structure in get_handler(factory()).structures
+    return structure in handler_of(factory()).structures
 
 
 PAIRS = [(c, s) for c in CASE_NAMES for s in STRUCTURES if _fits(c, s)]

@@ -10,9 +10,9 @@ import time
 
 import keras
 import numpy as np
+from _local_data import load_fashion_mnist  # examples/ is on sys.path
 
 import keras_psp
-from keras_psp.datasets import load_fashion_mnist
 from keras_psp.models import cifar_resnet
 
 

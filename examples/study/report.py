@@ -6,12 +6,10 @@ import importlib.metadata
 import math
 import os
 import platform
-import random
-import statistics
-import time
 
 import numpy as np
 
+import keras_psp
 from keras_psp.stats import FLOOR
 
 LABELS = {
@@ -59,18 +57,9 @@ def litert_latency(contents: dict[str, bytes], rounds: int, invokes: int = 100) 
         detail = interpreter.get_input_details()[0]
         interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
         runners[name] = interpreter
-    samples = {name: [] for name in runners}
-    order, shuffle = list(runners), random.Random(0).shuffle
-    for round_ in range(rounds + 2):
-        shuffle(order)
-        for name in order:
-            interpreter = runners[name]
-            start = time.perf_counter()
-            for _ in range(invokes):
-                interpreter.invoke()
-            if round_ >= 2:
-                samples[name].append((time.perf_counter() - start) * 1e3 / invokes)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    cases = {name: interpreter.invoke for name, interpreter in runners.items()}
+    samples = keras_psp.timing.interleaved(cases, rounds, invokes, warmup=2 * invokes, seed=0)
+    return keras_psp.timing.medians_ms(samples)
 
 
 def _stats(values):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from keras_psp.surgery.graph import Graph, width
+from keras_psp.graph import Graph, width
 
 
 def find_constants(graph: Graph, rules, conn: dict[int, np.ndarray]) -> dict[int, np.ndarray]:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_psp.flops import mac_function
-from keras_psp.surgery.graph import flatten, unwrap, width
+from keras_psp.folding import unwrap
+from keras_psp.graph import flatten, width
+from keras_psp.layers import family
 from keras_psp.surgery.slim import plan_channels
 
 
@@ -29,7 +30,7 @@ def planned_macs(plan) -> int:
     for op in graph.ops:
         if id(op) not in plan.live:
             continue
-        fn = mac_function(op.layer)
+        fn = family(op.layer).macs
         if fn is None:
             continue
         shapes = []

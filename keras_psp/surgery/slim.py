@@ -9,15 +9,17 @@ import warnings
 
 import keras
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from keras_psp.cloning import check_graph_model, iter_layers, psp_layers
 from keras_psp.copying import copy_state
+from keras_psp.folding import unwrap
+from keras_psp.graph import Graph, flatten, rebuild, width
+from keras_psp.layers import Rule
+from keras_psp.layers.merging import Merge
 from keras_psp.recalibration import recalibrate as _recalibrate
 from keras_psp.surgery.constants import check_cut_layers, find_constants, probe_values
-from keras_psp.surgery.graph import Graph, flatten, rebuild, unwrap, width
-from keras_psp.surgery.rules import Merge, ReshapeRule, Rule, rule_for
+from keras_psp.surgery.coupling import couple, live_ops
+from keras_psp.surgery.rules import rule_for
 from keras_psp.verify import (
     check_inputs_argument,
     check_tolerance,
@@ -58,82 +60,6 @@ class ChannelPlan:
     values: dict[int, np.ndarray]
 
 
-def _live_ops(graph: Graph, dropped: dict[int, list[int]]) -> set[int]:
-    used, live = set(graph.output_keys), set()
-    for op in reversed(graph.ops):
-        if used.intersection(op.outputs):
-            live.add(id(op))
-            skip = dropped.get(id(op), ())
-            used.update(k for i, k in enumerate(op.inputs) if i not in skip)
-    return live
-
-
-@dataclasses.dataclass
-class Coupling:
-    """Every channel of every tensor on one axis, and the groups they form.
-
-    Attributes:
-        keys: Tensor keys, in graph order.
-        offset: Where each tensor's channels start on the axis.
-        total: Channels in all.
-        required: True for channels that must stay (model inputs and
-            outputs, tensors of fixed layers).
-        labels: The coupled group (connected component) of each channel.
-    """
-
-    keys: list
-    offset: dict
-    total: int
-    required: np.ndarray
-    labels: np.ndarray
-    shapes: dict
-
-    def span(self, key) -> slice:
-        """The channels of tensor `key` on the axis."""
-        return slice(self.offset[key], self.offset[key] + width(self.shapes[key]))
-
-
-def couple(graph: Graph, ops: list, rule_of: dict, dropped: dict, shared: dict) -> Coupling:
-    """Couples the channels of the live `ops` ((op, rule) pairs) into groups."""
-    shapes = graph.shapes
-    keys = list(shapes)
-    offset, total = {}, 0
-    for key in keys:
-        offset[key] = total
-        total += width(shapes[key])
-    coupling = Coupling(keys, offset, total, np.zeros(total, bool), np.zeros(total, int), shapes)
-    span, required = coupling.span, coupling.required
-    rows, cols = [], []
-    for key in graph.input_keys + graph.output_keys:
-        required[span(key)] = True
-    for op, rule in ops:
-        if rule.fixed:
-            for key in op.inputs + op.outputs:
-                required[span(key)] = True
-        skip = dropped.get(id(op), ())
-        for i, ch_in, o, ch_out in rule.edges(op, shapes):
-            if i not in skip:
-                rows.append(offset[op.inputs[i]] + ch_in)
-                cols.append(offset[op.outputs[o]] + ch_out)
-    for calls in shared.values():  # one layer, one set of channels for all its calls
-        first, rule = calls[0], rule_of[id(calls[0])]
-        if not (first.layer.weights or rule.boundary or isinstance(rule, ReshapeRule)):
-            continue  # nothing in the layer depends on the channels
-        for op in calls[1:]:
-            for a, b in [*zip(first.inputs, op.inputs, strict=True),
-                         *zip(first.outputs, op.outputs, strict=True)]:
-                if width(shapes[a]) != width(shapes[b]):
-                    required[span(a)] = required[span(b)] = True
-                    continue
-                rows.append(offset[a] + np.arange(width(shapes[a])))
-                cols.append(offset[b] + np.arange(width(shapes[b])))
-    rows = np.concatenate(rows) if rows else np.zeros(0, int)
-    cols = np.concatenate(cols) if cols else np.zeros(0, int)
-    adjacency = coo_matrix((np.ones(len(rows), bool), (rows, cols)), shape=(total, total))
-    _, coupling.labels = connected_components(adjacency, directed=False)
-    return coupling
-
-
 def plan_channels(
     graph: Graph, gather: bool = True, multiple_of: int | None = None
 ) -> ChannelPlan:
@@ -169,7 +95,7 @@ def plan_channels(
             drop = rule.constant_inputs(op, const_in[id(op)], shapes)
             if drop:
                 dropped[id(op)] = drop
-    live = _live_ops(graph, dropped)
+    live = live_ops(graph, dropped)
     ops = [(op, rule) for op, rule in zip(graph.ops, rules, strict=True) if id(op) in live]
 
     wanted = [op.inputs[i] for op, _ in ops for i in dropped.get(id(op), ())]
@@ -479,8 +405,8 @@ def slim(
         warnings.warn(
             f"slim: surgery keeps every channel through layer(s) {listed}; structures cut "
             "in or next to them stay as zero weights. Surgery handles channels_last layers "
-            "of the types it knows; to teach it a layer of your own, register it (README, "
-            "'Extending keras_psp').",
+            "of the types it knows; to teach it a layer of your own, register it with "
+            "keras_psp.register_layer(..., rule=...) (README, 'Extending keras_psp').",
             stacklevel=2,
         )
 
