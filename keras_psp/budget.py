@@ -14,6 +14,7 @@ from keras_psp.flops import count_flops
 from keras_psp.ranking import ALLOCATIONS, prune_to, reachable
 from keras_psp.recalibration import recalibrate
 from keras_psp.slim_cost import require_psp_layers as _require_psp_layers
+from keras_psp.slim_cost import warn_partial
 from keras_psp.surgery.cost import slim_flops
 
 #: The threshold `FlopsBudget` gives every PSP layer: only its own cuts (α set to
@@ -203,6 +204,7 @@ class FlopsBudget(keras.callbacks.Callback):
     def _unpruned(self) -> float:
         if not hasattr(self, "_unpruned_flops"):
             self._unpruned_flops = max(count_flops(self.model), 1)
+            warn_partial(self.model, type(self).__name__)
         return self._unpruned_flops
 
     # -- checks -----------------------------------------------------------------

@@ -11,12 +11,14 @@ applied to every call in the model's flat functional graph (nested models inline
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import keras
 from keras.src.models.functional import Functional
 
 from keras_psp.cloning import check_graph_model
+from keras_psp.counting import call_macs, invisible_weights, is_composite
 from keras_psp.graph import flatten
 from keras_psp.layers import family
 from keras_psp.surgery.cost import slim_flops
@@ -63,8 +65,8 @@ def count_flops(model: keras.Model, pruned: bool = False) -> int:
     _check(model, "count the FLOPs of")
     if pruned:  # from surgery's channel plan: no model is built
         return slim_flops(model)
-    per_layer, unknown = _walk(model)
-    _warn_unknown(unknown)
+    per_layer, unknown, share = _walk(model)
+    _warn_unknown(unknown, share)
     return sum(per_layer.values())
 
 
@@ -90,42 +92,69 @@ def layer_flops(model: keras.Model) -> dict[str, int]:
     ```
     """
     _check(model, "count the FLOPs of")
-    per_layer, unknown = _walk(model)
-    _warn_unknown(unknown)
+    per_layer, unknown, share = _walk(model)
+    _warn_unknown(unknown, share)
     return per_layer
 
 
-def _walk(model) -> tuple[dict[str, int], list[str]]:
-    """(MACs by layer name, unknown layers with weights) of the flat graph."""
+def _walk(model) -> tuple[dict[str, int], list[str], float]:
+    """(MACs by layer name, unknown layers with weights, the share of the
+    model's weights in them) of the flat graph."""
     graph = flatten(model)
     per_layer: dict[str, int] = {}
-    unknown = []
+    unknown, hidden, seen = [], 0, set()
     for op in graph.ops:
         layer = op.layer.layer if isinstance(op.layer, PSP) else op.layer
-        found = family(layer)
-        fn = found.macs
-        if fn is None:
-            if getattr(layer, "weights", None) and found.registered is None:
-                unknown.append(f"'{layer.name}' ({type(layer).__name__})")
+        if not isinstance(layer, keras.layers.Layer):
             continue
-        input_shape, output_shape = graph.shapes[op.inputs[0]], graph.shapes[op.outputs[0]]
-        if None in input_shape[1:] or None in output_shape[1:]:
+        if id(layer) not in seen:
+            seen.add(id(layer))
+            invisible = invisible_weights(layer)
+            if invisible:
+                unknown.append(f"'{layer.name}' ({type(layer).__name__})")
+                hidden += invisible
+        if family(layer).macs is None and not is_composite(layer):
+            continue
+        shapes = [graph.shapes[k] for k in op.inputs]
+        output_shape = graph.shapes[op.outputs[0]]
+        if any(None in s[1:] for s in shapes) or None in output_shape[1:]:
             raise ValueError(
                 f"Cannot count the FLOPs of layer '{layer.name}': its input shape "
-                f"{input_shape} is not fixed. Build the model on a fixed input shape."
+                f"{shapes[0]} is not fixed. Build the model on a fixed input shape."
             )
         name = op.layer.name
-        per_layer[name] = per_layer.get(name, 0) + int(fn(layer, input_shape, output_shape))
-    return per_layer, unknown
+        per_layer[name] = per_layer.get(name, 0) + int(call_macs(layer, op, shapes, output_shape))
+    total = sum(math.prod(v.shape) for v in {id(v): v for v in model.weights}.values())
+    return per_layer, unknown, hidden / total if total else 0.0
 
 
-def _warn_unknown(unknown: list[str]) -> None:
+def invisible_share(model: keras.Model) -> float:
+    """The share of `model`'s weights in layers whose cost `count_flops` cannot see.
+
+    0.0 when every layer with weights is counted (its family has a MAC
+    function, or it is a composite of such layers) or known to cost nothing
+    (BatchNormalization, Embedding, ...). Above 0, FLOPs ratios are over the
+    visible part of the model only.
+
+    Example:
+
+    ```python
+    if keras_psp.flops.invisible_share(model) > 0:
+        print("count_flops misses part of this model")
+    ```
+    """
+    _check(model, "count the FLOPs of")
+    return _walk(model)[2]
+
+
+def _warn_unknown(unknown: list[str], share: float) -> None:
     if unknown:
         names = ", ".join(dict.fromkeys(unknown))
         warnings.warn(
             f"count_flops counted 0 MACs for layers of unknown type with weights: "
-            f"{names}. Register their cost with keras_psp.register_layer(..., macs=...) "
-            "(README, 'Extending keras_psp').",
+            f"{names}, holding {share:.1%} of the model's weights; FLOPs and their ratios "
+            "cover the rest of the model only. Register their cost with "
+            "keras_psp.register_layer(..., macs=...) (README, 'Extending keras_psp').",
             stacklevel=3,
         )
 

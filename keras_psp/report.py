@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from keras_psp.cloning import psp_layers
-from keras_psp.flops import _check, layer_flops
+from keras_psp.flops import _check, invisible_share, layer_flops
 from keras_psp.graph import flatten
 from keras_psp.groups import ChannelGroups, group_views
 from keras_psp.stats import FLOOR, layer_stats, model_stats
@@ -144,6 +144,11 @@ def summary(
         totals[key] = sum(r[key] for r in rows)
     rows.append(totals)
     (print_fn or print)(_format(model.name, rows))
+    share = invisible_share(model)
+    if share > 0:
+        (print_fn or print)(
+            f"FLOPs: the visible part only. {share:.1%} of the weights are in layers whose "
+            "cost count_flops cannot see, so the FLOPs total is not the model's.")
     return rows
 
 

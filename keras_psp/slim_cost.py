@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 
 from keras_psp.cloning import psp_layers
-from keras_psp.flops import count_flops
+from keras_psp.flops import count_flops, invisible_share
 from keras_psp.surgery.slim import slim
 
 
@@ -33,6 +33,19 @@ def require_psp_layers(model, who: str, graph: bool = False) -> list:
     return layers
 
 
+def warn_partial(model, who: str, key: str = "psp_flops") -> None:
+    """Warns that `key` is a ratio over the visible part of `model` only, when
+    `count_flops` cannot see all of it."""
+    share = invisible_share(model)
+    if share > 0:
+        warnings.warn(
+            f"{who}: {key} is a FLOPs ratio over the visible part of model '{model.name}' "
+            f"only: {share:.1%} of its weights are in layers whose cost count_flops cannot "
+            "see (the count_flops warning names them), so it is not the model's ratio. "
+            "Register those layers with keras_psp.register_layer(..., macs=...) (README, "
+            "'Extending keras_psp').", stacklevel=3)
+
+
 def masks(layers, finite=None, previous=None) -> list[np.ndarray]:
     """Keep masks; a layer with non-finite α keeps its `previous` mask."""
     finite = finite or [True] * len(layers)
@@ -43,8 +56,9 @@ def masks(layers, finite=None, previous=None) -> list[np.ndarray]:
 class SlimCost:
     """(FLOPs, parameters) of `slim(model)` over the unpruned model's; cached by masks."""
 
-    def __init__(self, model, layers):
+    def __init__(self, model, layers, who: str = "SeparationMonitor"):
         self.model, self.flops = model, count_flops(model)
+        warn_partial(model, who)
         self.params = model.count_params() - sum(  # the stripped (plain) model
             layer.own_param_count() for layer in layers)
         self._key, self.value, self.error = None, (math.nan, math.nan), None

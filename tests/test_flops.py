@@ -265,3 +265,70 @@ ARCHITECTURES = {
 def test_matches_tensorflow_profiler(name):
     model = ARCHITECTURES[name]()
     assert count_flops(model) == _tf_macs(model)
+
+
+class _MLP(keras.layers.Layer):
+    """A composite layer: two Dense sublayers, no MAC function of its own."""
+
+    def __init__(self, hidden, out, **kwargs):
+        super().__init__(**kwargs)
+        self.up, self.down = L.Dense(hidden, activation="gelu"), L.Dense(out)
+
+    def call(self, x):
+        return self.down(self.up(x))
+
+    def compute_output_shape(self, shape):
+        return (*shape[:-1], self.down.units)
+
+
+def test_attention_and_composite_layers_count_what_they_compute():
+    """A transformer block of stock layers: MultiHeadAttention counts its four
+    projections and both attention matmuls; a composite counts its sublayers."""
+    T, D, H, K, F = 5, 8, 2, 4, 16
+    inputs = keras.Input((T, D))
+    mha = L.MultiHeadAttention(H, K, name="mha")
+    x = L.LayerNormalization()(L.Add()([inputs, mha(inputs, inputs)]))
+    mlp = _MLP(F, D, name="mlp")
+    x = L.Add()([x, mlp(x)])
+    model = keras.Model(inputs, L.Dense(3, name="head")(L.GlobalAveragePooling1D()(x)))
+    nodes = [len(layer._inbound_nodes) for layer in (mha._query_dense, mlp.up)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # everything is visible
+        per_layer = keras_psp.flops.layer_flops(model)
+    assert per_layer == {"mha": 3 * T * D * H * K + H * T * T * (K + K) + T * H * K * D,
+                         "mlp": T * D * F + T * F * D, "head": D * 3}
+    assert keras_psp.flops.invisible_share(model) == 0.0
+    assert [len(layer._inbound_nodes) for layer in (mha._query_dense, mlp.up)] == nodes
+    wrapped = wrap(model)
+    assert count_flops(wrapped, pruned=True) == count_flops(slim(wrapped)) == count_flops(model)
+
+
+def test_cross_attention_and_einsum_with_an_ellipsis():
+    q, kv = keras.Input((3, 6)), keras.Input((7, 5))
+    out = L.MultiHeadAttention(2, 4, value_dim=3, name="cross")(q, kv)
+    x = L.EinsumDense("...b,bc->...c", output_shape=4, name="proj")(out)
+    model = keras.Model([q, kv], x)
+    per_layer = keras_psp.flops.layer_flops(model)
+    query, key, value = 3 * 6 * 2 * 4, 7 * 5 * 2 * 4, 7 * 5 * 2 * 3
+    attention = 2 * 3 * 7 * (4 + 3)
+    assert per_layer["cross"] == query + key + value + attention + 3 * 2 * 3 * 6
+    assert per_layer["proj"] == 3 * 6 * 4
+
+
+def test_a_partly_invisible_model_says_which_share_everywhere(capsys):
+    inputs = keras.Input((4,))
+    x = Scale(name="scale")(L.Dense(4, name="d1")(inputs))
+    model = keras.Model(inputs, L.Dense(2, name="d2")(x))
+    share = 4 / model.count_params()
+    assert keras_psp.flops.invisible_share(model) == pytest.approx(share)
+    with pytest.warns(UserWarning, match=rf"'scale' \(Scale\), holding {share:.1%} of the "
+                                         "model's weights"):
+        count_flops(model)
+    wrapped = wrap(model)
+    with pytest.warns(UserWarning, match=r"psp_flops is a FLOPs ratio over the visible part"):
+        keras_psp.summary(wrapped, print_fn=print)
+        x_data = np.random.default_rng(0).random((16, 4)).astype("float32")
+        wrapped.compile("sgd", "mse")
+        wrapped.fit(x_data, np.zeros((16, 2), "float32"), epochs=1, verbose=0,
+                    callbacks=[keras_psp.SeparationMonitor(verbose=0)])
+    assert "FLOPs: the visible part only" in capsys.readouterr().out

@@ -342,3 +342,16 @@ def test_litert_export_of_dynamic_spatial_sizes(rng, tmp_path):
     x = rng.random((2, 9, 9, 3)).astype("float32")
     report = keras_psp.export(model, tmp_path / "a.tflite", format="tflite", check_inputs=x)
     assert report.checked == 2 and report.max_diff < 1e-5
+
+
+def test_keras_hub_vit_flops_are_counted_inside_its_composite_layers():
+    """ViT-tiny (17 tokens of width 16, 2 heads, MLP 32, 2 layers): the patch
+    convolution, and in each encoder block (keras_hub composites) the attention's
+    projections and matmuls and the MLP, counted by hand."""
+    model, _ = hub_models.vit()
+    patches = 16 * (8 * 8 * 3) * 16
+    attention = 3 * 17 * 16 * 16 + 2 * 17 * 17 * (8 + 8) + 17 * 16 * 16
+    mlp = 2 * 17 * 16 * 32
+    with pytest.warns(UserWarning, match=r"ViTPatchingAndEmbedding\), holding 0\.2%"):
+        assert count_flops(model) == patches + 2 * (attention + mlp)  # its class token
+    assert keras_psp.flops.invisible_share(model) < 0.01

@@ -7,6 +7,7 @@ function (FLOPs), looked up by class hierarchy.
 
 from keras_psp.copying import copy_layer
 from keras_psp.layers import (  # noqa: F401  (each registers its family)
+    attention,
     conv_transpose,
     convolution,
     dense,

@@ -9,8 +9,10 @@ budget searches need (they evaluate many candidate cuts).
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 
+from keras_psp.counting import call_macs, is_composite
 from keras_psp.folding import unwrap
 from keras_psp.graph import flatten, width
 from keras_psp.layers import family
@@ -28,10 +30,9 @@ def planned_macs(plan) -> int:
     """
     graph, total = plan.graph, 0
     for op in graph.ops:
-        if id(op) not in plan.live:
+        if id(op) not in plan.live or not isinstance(op.layer, keras.layers.Layer):
             continue
-        fn = family(op.layer).macs
-        if fn is None:
+        if family(op.layer).macs is None and not is_composite(op.layer):
             continue
         shapes = []
         for key, kept in ((op.inputs[0], plan.own.get(id(op))), (op.outputs[0], None)):
@@ -39,13 +40,14 @@ def planned_macs(plan) -> int:
             if width(shape):
                 shape[-1] = int(np.sum(plan.present[key] if kept is None else kept))
             shapes.append(tuple(shape))
-        if None in shapes[0][1:] or None in shapes[1][1:]:
+        others = [graph.shapes[k] for k in op.inputs[1:]]
+        if any(None in s[1:] for s in shapes + others):
             raise ValueError(
                 f"Cannot count the FLOPs of layer '{op.layer.name}': its input shape "
                 f"{graph.shapes[op.inputs[0]]} is not fixed. Build the model on a fixed "
                 "input shape."
             )
-        total += int(fn(op.layer, *shapes))
+        total += int(call_macs(op.layer, op, [shapes[0], *others], shapes[1]))
     return total
 
 
