@@ -13,10 +13,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import weakref
 
 import keras
 
-from keras_psp.layers import family
+from keras_psp.layers import family, registry
 
 _Layer = keras.layers.Layer
 
@@ -32,7 +33,7 @@ def _size(variables) -> int:
 
 
 def _sublayers(layer) -> list:
-    return [s for s in layer._flatten_layers(include_self=False, recursive=True)]
+    return list(layer._flatten_layers(include_self=False, recursive=True))
 
 
 def is_composite(layer) -> bool:
@@ -104,13 +105,23 @@ def _recording(layers: set[int], records: list):
         _Layer.__call__ = original
 
 
+#: Traced MACs by call node: surgery keeps every channel through a composite,
+#: so its cost at its own shapes never changes, while budget searches count
+#: the same model many times.
+_TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def traced_macs(layer, node) -> int:
-    """MACs of one call of a composite `layer`, its call `node` traced again."""
-    records: list = []
-    args, kwargs = node.arguments.args, node.arguments.kwargs
-    with _recording({id(s) for s in _sublayers(layer)}, records):
-        keras.src.backend.compute_output_spec(layer.call, *args, **kwargs)
-    return sum(records)
+    """MACs of one call of a composite `layer`, its call `node` traced again
+    (once per node and registry generation)."""
+    cached = _TRACED.get(node)
+    if cached is None or cached[0] != registry.generation:  # a family registered since
+        records: list = []
+        args, kwargs = node.arguments.args, node.arguments.kwargs
+        with _recording({id(s) for s in _sublayers(layer)}, records):
+            keras.src.backend.compute_output_spec(layer.call, *args, **kwargs)
+        cached = _TRACED[node] = (registry.generation, sum(records))
+    return cached[1]
 
 
 def call_macs(layer, op, input_shapes: list[tuple], output_shape: tuple) -> int | None:

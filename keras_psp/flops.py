@@ -97,22 +97,36 @@ def layer_flops(model: keras.Model) -> dict[str, int]:
     return per_layer
 
 
+def _inner(op):
+    return op.layer.layer if isinstance(op.layer, PSP) else op.layer
+
+
+def _hidden(model, graph) -> tuple[list[str], float]:
+    """(the layers with weights whose cost nothing counts, the share of the
+    model's weights they hold). No MAC is counted: nothing is traced."""
+    unknown, hidden, seen = [], 0, set()
+    for op in graph.ops:
+        layer = _inner(op)
+        if not isinstance(layer, keras.layers.Layer) or id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        invisible = invisible_weights(layer)
+        if invisible:
+            unknown.append(f"'{layer.name}' ({type(layer).__name__})")
+            hidden += invisible
+    total = sum(math.prod(v.shape) for v in {id(v): v for v in model.weights}.values())
+    return unknown, hidden / total if total else 0.0
+
+
 def _walk(model) -> tuple[dict[str, int], list[str], float]:
     """(MACs by layer name, unknown layers with weights, the share of the
     model's weights in them) of the flat graph."""
     graph = flatten(model)
     per_layer: dict[str, int] = {}
-    unknown, hidden, seen = [], 0, set()
     for op in graph.ops:
-        layer = op.layer.layer if isinstance(op.layer, PSP) else op.layer
+        layer = _inner(op)
         if not isinstance(layer, keras.layers.Layer):
             continue
-        if id(layer) not in seen:
-            seen.add(id(layer))
-            invisible = invisible_weights(layer)
-            if invisible:
-                unknown.append(f"'{layer.name}' ({type(layer).__name__})")
-                hidden += invisible
         if family(layer).macs is None and not is_composite(layer):
             continue
         shapes = [graph.shapes[k] for k in op.inputs]
@@ -124,8 +138,7 @@ def _walk(model) -> tuple[dict[str, int], list[str], float]:
             )
         name = op.layer.name
         per_layer[name] = per_layer.get(name, 0) + int(call_macs(layer, op, shapes, output_shape))
-    total = sum(math.prod(v.shape) for v in {id(v): v for v in model.weights}.values())
-    return per_layer, unknown, hidden / total if total else 0.0
+    return per_layer, *_hidden(model, graph)
 
 
 def invisible_share(model: keras.Model) -> float:
@@ -134,7 +147,7 @@ def invisible_share(model: keras.Model) -> float:
     0.0 when every layer with weights is counted (its family has a MAC
     function, or it is a composite of such layers) or known to cost nothing
     (BatchNormalization, Embedding, ...). Above 0, FLOPs ratios are over the
-    visible part of the model only.
+    visible part of the model only. Cheap: no MAC is counted.
 
     Example:
 
@@ -144,7 +157,7 @@ def invisible_share(model: keras.Model) -> float:
     ```
     """
     _check(model, "count the FLOPs of")
-    return _walk(model)[2]
+    return _hidden(model, flatten(model))[1]
 
 
 def _warn_unknown(unknown: list[str], share: float) -> None:

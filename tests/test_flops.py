@@ -332,3 +332,41 @@ def test_a_partly_invisible_model_says_which_share_everywhere(capsys):
         wrapped.fit(x_data, np.zeros((16, 2), "float32"), epochs=1, verbose=0,
                     callbacks=[keras_psp.SeparationMonitor(verbose=0)])
     assert "FLOPs: the visible part only" in capsys.readouterr().out
+
+
+def test_a_composite_is_traced_once_until_a_family_is_registered(monkeypatch):
+    from keras_psp.layers import registry
+
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
+
+    class Lin(keras.layers.Layer):  # no family: invisible until registered
+        def build(self, shape):
+            self.w = self.add_weight(shape=(shape[-1], 3))
+
+        def call(self, x):
+            return x @ self.w
+
+    class Block(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense, self.lin = L.Dense(4), Lin()
+
+        def call(self, x):
+            return self.lin(self.dense(x))
+
+        def compute_output_shape(self, shape):
+            return (*shape[:-1], 3)
+
+    inputs = keras.Input((5,))
+    model = keras.Model(inputs, Block(name="block")(inputs))
+    traces = []
+    original = keras.src.backend.compute_output_spec
+    monkeypatch.setattr(keras.src.backend, "compute_output_spec",
+                        lambda *a, **k: traces.append(1) or original(*a, **k))
+    with pytest.warns(UserWarning, match=r"'block' \(Block\)"):
+        assert count_flops(model) == 5 * 4  # the Dense only
+        assert count_flops(model) == 5 * 4
+    assert len(traces) == 1 and keras_psp.flops.invisible_share(model) == pytest.approx(12 / 36)
+    keras_psp.register_layer(Lin, macs=lambda layer, shape_in, shape_out: shape_in[-1] * 3)
+    assert count_flops(model) == 5 * 4 + 4 * 3 and len(traces) == 2  # traced again
+    assert keras_psp.flops.invisible_share(model) == 0.0

@@ -27,6 +27,8 @@ class LayerFamily:
 
 _FAMILIES: dict[type, LayerFamily] = {}
 _NONE = LayerFamily()
+#: Bumped by every registration: caches of what families say compare it.
+generation = 0
 
 
 def register_layer(
@@ -74,10 +76,13 @@ def register_layer(
     """
     if not layer_types:
         raise TypeError("register_layer: name at least one layer class.")
+    global generation
     for layer_type in layer_types:
         if not isinstance(layer_type, type):
             raise TypeError(f"register_layer: expected layer classes, got {layer_type!r}.")
+    for layer_type in layer_types:
         _FAMILIES[layer_type] = LayerFamily(handler, rule, macs, layer_type)
+    generation += 1
 
 
 def family(layer) -> LayerFamily:
