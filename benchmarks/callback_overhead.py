@@ -1,6 +1,6 @@
-"""Epoch-time overhead of SeparationMonitor on the main job's model.
+"""Epoch-time overhead of SeparationMonitor on a ResNet-8 16-32-64 (the main job's model at half width).
 
-Two separately compiled copies of the main job's PSP-wrapped ResNet-8
+Two separately compiled copies of that PSP-wrapped ResNet-8
 (Fashion-MNIST, 28×28, stem stride 2; identical initial weights) train
 one epoch each in turn, A B B A A B ... (neither always first), one with `SeparationMonitor()` (a check
 at every epoch end, with the slimmed model's FLOPs and parameters) and one

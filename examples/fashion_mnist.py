@@ -1,7 +1,7 @@
 """The main job: prune a trained ResNet on Fashion-MNIST with PSP, end to end.
 
 Reads Fashion-MNIST offline (Debian's `dataset-fashion-mnist`), trains the
-unpruned ResNet-8 (the reference: its test accuracy is printed), then prunes
+unpruned ResNet-8 32-64-128 (the reference: its test accuracy is printed), then prunes
 it the way the README's first workflow does: `keras_psp.wrap(structure=
 "group")` gives every channel of every coupled channel group (the residual
 streams, each block's inner width) one α with the default scale-invariant
@@ -66,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--strength", type=float, default=None,
                    help="strength of the penalty on α (default: keras_psp's for it)")
     p.add_argument("--depth", type=int, default=8, help="ResNet depth, 6n+2")
-    p.add_argument("--widths", default="16,32,64", help="filters of the 3 stages")
+    p.add_argument("--widths", default="32,64,128",
+                   help="filters of the 3 stages (16,32,64: the study's, 4x fewer FLOPs)")
     p.add_argument("--stem-stride", type=int, default=2, help="stride of the first conv")
     p.add_argument("--train-limit", type=int, default=None,
                    help="use only the first N training images (quick runs)")

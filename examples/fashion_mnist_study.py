@@ -1,7 +1,7 @@
 """PSP against ℓ1-norm, network slimming and tfmot on Fashion-MNIST, on a CPU.
 
-The main job's ResNet-8 (16-32-64, stride-2 stem) on 30 000 Fashion-MNIST
-training images, side by side at matched FLOPs (0.5 and 0.3 of the unpruned
+A ResNet-8 (16-32-64, stride-2 stem: the main job's model at half its width) on
+30 000 Fashion-MNIST training images, side by side at matched FLOPs (0.5 and 0.3 of the unpruned
 model's) and equal training budgets: N training epochs, then k more.
 
 - **unpruned**: N epochs, then k epochs of fine-tuning (`--seeds` seeds).

@@ -1,7 +1,7 @@
 """PSP on Fashion-MNIST aiming at a FLOPs budget: FlopsBudget + SeparationMonitor.
 
-The main job's model and data (ResNet-8 16-32-64 on 28×28 Fashion-MNIST,
-stem stride 2, SGD momentum 0.9, cosine from 0.1, batch 128), wrapped with
+The main job's data and its ResNet-8 at half the width (16-32-64 on 28×28
+Fashion-MNIST, stem stride 2, SGD momentum 0.9, cosine from 0.1, batch 128), wrapped with
 input-channel PSP; `keras_psp.FlopsBudget` cuts the lowest-ranked structures
 on a schedule so that the slimmed model ends at `--target` of the unpruned
 FLOPs, and re-estimates BatchNormalization statistics before each validation.

@@ -103,7 +103,7 @@ at the end. Elapsed: **{summary['elapsed_seconds'] / 60:.1f} min**.
 
 - **Data:** the first {s['train_images']} of the 60 000 Fashion-MNIST training images;
   {s['test_images']} test images.
-- **Model:** the main job's ResNet-{s['depth']} (`keras_psp.models.cifar_resnet`, widths
+- **Model:** a ResNet-{s['depth']} (`keras_psp.models.cifar_resnet`, widths
   {'-'.join(map(str, s['widths']))}, stem stride {s['stem_stride']}, 28×28×1):
   {ref['flops']:,} MACs ("FLOPs"), {ref['params']:,} parameters.
 - **Equal budgets: N = {n} training epochs, then k = {k} more for every method.** Training:
