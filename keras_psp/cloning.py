@@ -170,7 +170,10 @@ def wrap(
             if handler is not None:
                 skipped.append(layer.name)
             return copy_layer(layer)
-        return PSP(copy_layer(layer), structure=structure, **psp_kwargs)
+        copy = copy_layer(layer)
+        if handler.call_arguments and layer.built:  # several inputs: build it as the original
+            copy.build_from_config(layer.get_build_config())
+        return PSP(copy, structure=structure, **psp_kwargs)
 
     new_model, pairs = _copy_pairs(model, clone)
     for src, dst in pairs:

@@ -65,19 +65,33 @@ def _by_name(layer, args, kwargs) -> dict[str, tuple]:
             if hasattr(v, "shape") and hasattr(v, "dtype")}
 
 
+class _Shrunk:
+    """`layer` as its MAC function sees it, with some attributes changed."""
+
+    def __init__(self, layer, updates: dict):
+        self._layer, self._updates = layer, updates
+
+    def __getattr__(self, name):
+        if name in self._updates:
+            return self._updates[name]
+        return getattr(self._layer, name)
+
+
 def family_macs(layer, input_shapes: list[tuple], output_shape: tuple,
-                arguments: tuple = ((), {})) -> int | None:
+                arguments: tuple = ((), {}), updates: dict | None = None) -> int | None:
     """The family's MAC function on one call's shapes (batch first), or None.
 
     `arguments` (the call's args and kwargs) serve MAC functions that take
-    shapes by parameter name (`keras_psp.layers.attention.by_name`).
+    shapes by parameter name (`keras_psp.layers.attention.by_name`);
+    `updates` are attributes the MAC function reads changed (`Rule.shrunk`).
     """
     fn = family(layer).macs
     if fn is None:
         return None
+    seen = _Shrunk(layer, updates) if updates else layer
     if getattr(fn, "by_name", False):
-        return int(fn(layer, _by_name(layer, *arguments), output_shape))
-    return int(fn(layer, input_shapes[0], output_shape))
+        return int(fn(seen, _by_name(layer, *arguments), output_shape))
+    return int(fn(seen, input_shapes[0], output_shape))
 
 
 @contextlib.contextmanager
@@ -124,7 +138,8 @@ def traced_macs(layer, node) -> int:
     return cached[1]
 
 
-def call_macs(layer, op, input_shapes: list[tuple], output_shape: tuple) -> int | None:
+def call_macs(layer, op, input_shapes: list[tuple], output_shape: tuple,
+              updates: dict | None = None) -> int | None:
     """MACs per example of one call (`keras_psp.graph.Op`), or None if unknown.
 
     Args:
@@ -134,10 +149,11 @@ def call_macs(layer, op, input_shapes: list[tuple], output_shape: tuple) -> int 
             call order), at the widths to count (the slim plan's). A composite
             counts at the shapes of its own call: surgery keeps every channel
             through it.
+        updates: Attributes of the slim layer that differ (`Rule.shrunk`).
     """
     if family(layer).macs is not None:
         arguments = (op.node.arguments.args, op.node.arguments.kwargs)
-        return family_macs(layer, input_shapes, output_shape, arguments)
+        return family_macs(layer, input_shapes, output_shape, arguments, updates)
     if is_composite(layer):
         return traced_macs(layer, op.node)
     return None

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_psp.layers import STRUCTURES, handler_of, registry, wrappable_types
+from keras_psp.layers import STRUCTURES, attribute, handler_of, registry, wrappable_types
 from keras_psp.penalties import (
     DEFAULT_PENALTY,
     VariableStrength,
@@ -200,7 +200,10 @@ class PSP(keras.layers.Wrapper):
         if structure not in self._handler.structures:
             raise ValueError(
                 f"Structure {structure!r} does not fit layer '{name}' "
-                f"({type(layer).__name__}): {self._handler.missing[structure]}."
+                f"({type(layer).__name__}): "
+                + self._handler.missing.get(
+                    structure, "its family supports "
+                    + ", ".join(map(repr, self._handler.structures))) + "."
             )
         if getattr(layer, "lora_enabled", False) or getattr(
             layer, "quantization_mode", None
@@ -226,7 +229,7 @@ class PSP(keras.layers.Wrapper):
 
     def build(self, input_shape=None):
         if not self.layer.built:
-            self.layer.build(input_shape)
+            self._handler.build(self.layer, input_shape)
         self.plan = self._handler.plan(self.layer, self.structure)
         named = strength_attribute(self.alpha_regularizer)
         self.alpha = self.add_weight(
@@ -295,17 +298,30 @@ class PSP(keras.layers.Wrapper):
         """The wrapped layer's kernels with α folded in, by attribute name."""
         dtype = dtype or self.compute_dtype
         kernels = {
-            name: ops.cast(getattr(self.layer, name), dtype)
+            name: ops.cast(attribute(self.layer, name), dtype)
             for name in self._handler.kernels
         }
         scale = ops.cast(self.plan.expand(self.effective_alpha(alpha)), dtype)
         kernels[self.plan.kernel] = kernels[self.plan.kernel] * scale
         return kernels
 
-    def call(self, inputs):
+    def call(self, inputs, *args, training=None, **kwargs):
         kernels = self.effective_kernels(self.compute_dtype)
-        outputs = self._handler.forward(self.layer, inputs, kernels)
+        if self._handler.call_arguments:  # e.g. attention: (query, value, key, masks...)
+            outputs = self._handler.forward(self.layer, inputs, kernels, *args,
+                                            training=training, **kwargs)
+        elif args or kwargs:
+            raise TypeError(
+                f"PSP layer '{self.name}' ({type(self.layer).__name__}) takes one input; "
+                f"got further arguments {[*map(type, args), *kwargs]}.")
+        else:
+            outputs = self._handler.forward(self.layer, inputs, kernels)
         return self._handler.finish(self.layer, outputs)
+
+    def compute_output_spec(self, inputs, *args, training=None, **kwargs):
+        if self._handler.call_arguments:
+            return self.layer.compute_output_spec(inputs, *args, **kwargs)
+        return super().compute_output_spec(inputs)
 
     def compute_output_shape(self, input_shape):
         try:
@@ -321,7 +337,8 @@ class PSP(keras.layers.Wrapper):
 
     def norms(self) -> np.ndarray:
         """ℓ2 norm of each structure's kernel entries (α not applied), shaped as α."""
-        kernel = np.asarray(ops.convert_to_numpy(getattr(self.layer, self.plan.kernel)), "float64")
+        kernel = np.asarray(ops.convert_to_numpy(attribute(self.layer, self.plan.kernel)),
+                            "float64")
         return np.sqrt(self.plan.reduce(kernel**2))
 
     def own_param_count(self) -> int:
@@ -354,7 +371,7 @@ class PSP(keras.layers.Wrapper):
             self.check_finite("fold α into the kernel")
         scale = self.plan.expand(self.effective_alpha(alpha, numpy=True))
         scale = np.asarray(ops.convert_to_numpy(scale), "float32")
-        kernels = {id(getattr(self.layer, n)): n for n in self._handler.kernels}
+        kernels = {id(attribute(self.layer, n)): n for n in self._handler.kernels}
         out = []
         for variable in self.layer.weights:
             value = np.asarray(ops.convert_to_numpy(variable))

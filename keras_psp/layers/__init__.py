@@ -19,6 +19,7 @@ from keras_psp.layers import (  # noqa: F401  (each registers its family)
     separable,
 )
 from keras_psp.layers.base import (
+    KERNEL_STRUCTURES,
     STRUCTURES,
     Boundary,
     Fixed,
@@ -27,6 +28,7 @@ from keras_psp.layers.base import (
     Passthrough,
     Plan,
     Rule,
+    attribute,
     axis_plan,
     op_weights,
 )
@@ -40,7 +42,7 @@ from keras_psp.layers.registry import (
 )
 
 __all__ = [
-    "STRUCTURES", "Boundary", "Fixed", "copy_layer", "LayerFamily", "LayerHandler", "MacFunction",
-    "Passthrough", "Plan", "Rule", "axis_plan", "family", "handler_of", "is_registered",
+    "KERNEL_STRUCTURES", "STRUCTURES", "Boundary", "Fixed", "copy_layer", "LayerFamily", "LayerHandler", "MacFunction",
+    "Passthrough", "Plan", "Rule", "attribute", "axis_plan", "family", "handler_of", "is_registered",
     "op_weights", "register_layer", "wrappable_types",
 ]

@@ -19,7 +19,9 @@ A *structure* is a group of kernel weights that shares one trainable scale:
   has no kernel positions, a column is an input feature, as in the im2col view
   of a fully connected layer);
 - ``"shape"``: one kernel position, across all channels;
-- ``"layer"``: the whole layer.
+- ``"layer"``: the whole layer;
+- ``"head"``: one attention head (`MultiHeadAttention`: its slices of the
+  query, key, value and output projections).
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ from keras import ops
 from keras_psp.copying import copy_layer
 from keras_psp.graph import width
 
-STRUCTURES = ("channel", "filter", "column", "shape", "layer")
+#: The structures of a kernel: what convolutions and `Dense` support.
+KERNEL_STRUCTURES = ("channel", "filter", "column", "shape", "layer")
+STRUCTURES = (*KERNEL_STRUCTURES, "head")
 
 #: `fn(layer, input_shape, output_shape) -> MACs` for one call, batch first.
 MacFunction = Callable[[keras.layers.Layer, tuple, tuple], int]
@@ -101,18 +105,26 @@ class LayerHandler:
     """How `PSP` scales the kernels of one family of layers.
 
     Attributes:
-        kernels: Attribute names of the layer's kernels, in weight order.
+        kernels: Attribute names of the layer's kernels, in weight order; a
+            dotted name reaches into a sublayer (`"_output_dense.kernel"`).
         structures: The structures this family supports.
         missing: Why a structure is not supported, by structure name.
+        call_arguments: `forward` takes the call's other arguments (after the
+            first) and `training`, as the layer's own `call` does.
     """
 
     kernels: tuple[str, ...] = ("kernel",)
-    structures: tuple[str, ...] = STRUCTURES
+    structures: tuple[str, ...] = KERNEL_STRUCTURES
     missing: dict[str, str] = {}
+    call_arguments: bool = False
 
     def plan(self, layer: keras.layers.Layer, structure: str) -> Plan:
         """Returns the `Plan` of `structure` for a built `layer`."""
         raise NotImplementedError
+
+    def build(self, layer: keras.layers.Layer, input_shape) -> None:
+        """Builds an unbuilt `layer` for inputs of `input_shape` (the first argument's)."""
+        layer.build(input_shape)
 
     def forward(self, layer, inputs, kernels: dict):
         """Runs `layer` on `inputs` with `kernels`, before bias/activation."""
@@ -130,6 +142,13 @@ class LayerHandler:
         if layer.activation is not None:
             outputs = layer.activation(outputs)
         return outputs
+
+
+def attribute(layer, path: str):
+    """`layer.<path>`, following dots into sublayers."""
+    for name in path.split("."):
+        layer = getattr(layer, name)
+    return layer
 
 
 # -- surgery: how channels flow, and how a layer shrinks ---------------------------
@@ -174,6 +193,12 @@ class Rule:
 
     def edges(self, op, shapes) -> list[tuple]:
         return []
+
+    def shrunk(self, op) -> dict:
+        """Attributes the rebuilt layer changes besides its channel widths
+        (`num_heads` of an attention layer with heads cut), so that
+        `count_flops` can count the slim layer before it is built."""
+        return {}
 
     def constant(self, op, const_in: list[np.ndarray], shapes) -> list[np.ndarray]:
         """Bool per output channel: True where it cannot depend on the input."""

@@ -29,7 +29,7 @@ def planned_macs(plan) -> int:
         The MACs `count_flops` would count on the slim model, an int.
     """
     graph, total = plan.graph, 0
-    for op in graph.ops:
+    for op, rule in zip(graph.ops, plan.rules, strict=True):
         if id(op) not in plan.live or not isinstance(op.layer, keras.layers.Layer):
             continue
         if family(op.layer).macs is None and not is_composite(op.layer):
@@ -47,7 +47,7 @@ def planned_macs(plan) -> int:
                 f"{graph.shapes[op.inputs[0]]} is not fixed. Build the model on a fixed "
                 "input shape."
             )
-        total += int(call_macs(op.layer, op, [shapes[0], *others], shapes[1]))
+        total += int(call_macs(op.layer, op, [shapes[0], *others], shapes[1], rule.shrunk(op)))
     return total
 
 

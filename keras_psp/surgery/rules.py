@@ -40,8 +40,8 @@ def rule_for(op, shapes) -> tuple[Rule, str | None]:
         return Fixed(), f"unknown type {type(layer).__name__}"
     if not _channels_last(layer):
         return Fixed(), "data_format='channels_first'"
-    if rule.fixed:
-        return Fixed(), None
+    if rule.fixed:  # keeps every channel; its own rebuild may still shrink the layer inside
+        return rule, None
     in_shapes = [shapes[k] for k in op.inputs]
     out_shapes = [shapes[k] for k in op.outputs]
     if not all(width(s) for s in in_shapes + out_shapes):
