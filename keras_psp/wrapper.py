@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import keras
 import numpy as np
 from keras import ops
@@ -219,6 +221,8 @@ class PSP(keras.layers.Wrapper):
         check_multiple_of(multiple_of, f"PSP layer '{name}'")
         kwargs.setdefault("name", layer.name)
         kwargs.setdefault("dtype", layer.dtype_policy)
+        if self._handler.call_arguments:  # Keras reads the call's arguments by these names
+            object.__setattr__(self, "call", self._call_as(layer))
         super().__init__(layer, **kwargs)
         self.structure = structure
         self.threshold = float(threshold)
@@ -304,6 +308,21 @@ class PSP(keras.layers.Wrapper):
         scale = ops.cast(self.plan.expand(self.effective_alpha(alpha)), dtype)
         kernels[self.plan.kernel] = kernels[self.plan.kernel] * scale
         return kernels
+
+    def _call_as(self, layer):
+        """`call` with `layer.call`'s signature: Keras then passes the wrapper
+        the wrapped layer's arguments (`query`, `value`, masks, `training`) by
+        their own names, as it would pass them to the layer."""
+
+        signature = inspect.signature(layer.call)
+        first = next(iter(signature.parameters))
+
+        def call(*args, **kwargs):
+            arguments = dict(signature.bind(*args, **kwargs).arguments)
+            return PSP.call(self, arguments.pop(first), **arguments)
+
+        call.__signature__ = signature
+        return call
 
     def call(self, inputs, *args, training=None, **kwargs):
         kernels = self.effective_kernels(self.compute_dtype)

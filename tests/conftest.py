@@ -41,6 +41,7 @@ JAX_SUBSET = {
     "test_distributed_jax.py": None,
     "test_groups.py": ("keep_mask", "training_moves_group_alpha", "tying"),
     "test_layer_registry.py": ("readme_guide",),
+    "test_attention.py": None,  # head α on JAX (TF-only tests skip)
     "test_flops.py": ("attention_and_composite",),  # a composite traced on JAX  # a user's layer, its math in keras.ops
 }
 _CLONING_EXCLUDED = ("keras_applications", "nested_application", "convnext")
