@@ -393,7 +393,7 @@ class PSP(keras.layers.Wrapper):
         kernels = {id(attribute(self.layer, n)): n for n in self._handler.kernels}
         out = []
         for variable in self.layer.weights:
-            value = np.asarray(ops.convert_to_numpy(variable))
+            value = variable.numpy()  # a fresh array, faster than ops.convert_to_numpy
             name = kernels.get(id(variable))
             if name is not None:  # kernels in float32, the α-scaled one times α
                 value = value.astype("float32") * (scale if name == self.plan.kernel else 1)

@@ -115,11 +115,12 @@ def plan_channels(
     keys, offset, total = coupling.keys, coupling.offset, coupling.total
     required, labels, span = coupling.required, coupling.labels, coupling.span
 
-    boundaries = [(op, conn[id(op)], droppable[id(op)]) for op, rule in ops if rule.boundary]
+    # connectivity as 0/1 floats: which inputs the kept outputs read is one BLAS product
+    boundaries = [(op, conn[id(op)].astype(np.float32), droppable[id(op)])
+                  for op, rule in ops if rule.boundary]
 
     def reads(op, matrix, can, present):
-        kept_out = present[span(op.outputs[0])]
-        used = matrix[:, kept_out].any(axis=1) & ~can
+        used = (matrix @ present[span(op.outputs[0])].astype(np.float32) > 0) & ~can
         if not used.any():  # keep one channel so the layer still has an input
             used[0] = True
         return used
