@@ -64,6 +64,8 @@ def parse_args(argv=None):
                    help="peak AdamW learning rate of the k further epochs (both arms)")
     p.add_argument("--train-limit", type=int, default=None,
                    help="use only the first N training images (quick runs)")
+    p.add_argument("--test-limit", type=int, default=None,
+                   help="evaluate on only the first N test images (quick runs; at least 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/fashion_mnist_vit", help="output folder")
     p.add_argument("--verbose", type=int, default=1, help="Keras fit verbosity")
@@ -72,6 +74,8 @@ def parse_args(argv=None):
         p.error("--target must be in (0, 1)")
     if args.prune_epochs < 1 or args.epochs < 1:
         p.error("--epochs and --prune-epochs must be positive")
+    if args.test_limit is not None and args.test_limit < 256:
+        p.error("--test-limit must be at least 256 (the slim model is verified on 256 images)")
     if args.width % args.heads:
         p.error("--width must be a multiple of --heads")
     return args
@@ -116,6 +120,8 @@ def main(argv=None) -> dict:
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist()
     if args.train_limit:
         x_train, y_train = x_train[: args.train_limit], y_train[: args.train_limit]
+    if args.test_limit:
+        x_test, y_test = x_test[: args.test_limit], y_test[: args.test_limit]
     steps = int(np.ceil(len(x_train) / args.batch_size))
     base = vit(args.depth, args.width, args.heads, args.mlp)
     print(f"unpruned ViT: {keras_psp.count_flops(base):,} MACs, {base.count_params():,} "

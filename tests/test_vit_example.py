@@ -1,0 +1,67 @@
+"""examples/fashion_mnist_vit.py in a quick configuration, on real Fashion-MNIST."""
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_example():
+    sys.path.insert(0, str(ROOT / "examples"))
+    spec = importlib.util.spec_from_file_location("fashion_mnist_vit",
+                                                  ROOT / "examples" / "fashion_mnist_vit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.tensorflow_only
+def test_vit_example_prunes_heads_and_neurons_and_the_slim_vit_loads_without_keras_psp(
+        tmp_path, capsys):
+    job = _load_example()
+    result = job.main(["--train-limit", "512", "--test-limit", "256", "--epochs", "1",
+                       "--prune-epochs", "2", "--depth", "2", "--out", str(tmp_path),
+                       "--verbose", "0"])
+    out = capsys.readouterr().out
+    assert "key ratio:" in out.splitlines()[-1]
+    before, after = result["flops"]
+    assert 0.45 * before <= after <= 0.52 * before  # FlopsBudget(0.5)
+    assert len(result["heads"]) == 2
+    assert all(1 <= h <= 4 for h in result["heads"]) and sum(result["heads"]) < 8
+    assert len(result["neurons"]) == 2 and all(n < 128 for n in result["neurons"])
+    assert all(t > 0 for pair in result["latency_ms"].values() for t in pair)
+    assert pathlib.Path(result["plot_path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    path = tmp_path / "slim_vit.keras"
+    x = np.random.default_rng(0).random((4, 28, 28, 1)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys, numpy as np, keras\n"
+        f"m = keras.saving.load_model({str(path)!r})\n"
+        "assert not any(n.startswith('keras_psp') for n in sys.modules)\n"
+        "heads = [l.num_heads for l in m.layers if isinstance(l, keras.layers.MultiHeadAttention)]\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, m.predict(np.load({str(tmp_path / 'x.npy')!r}),"
+        " verbose=0))\n"
+        "print(heads)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == str(result["heads"])
+    small = keras.saving.load_model(path)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), small.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_vit_example_flags():
+    job = _load_example()
+    default = job.parse_args([])
+    assert (default.target, default.heads, default.width, default.mlp) == (0.5, 4, 64, 128)
+    for bad in (["--target", "0"], ["--width", "30"], ["--prune-epochs", "0"],
+                ["--test-limit", "100"]):
+        with pytest.raises(SystemExit):
+            job.parse_args(bad)
