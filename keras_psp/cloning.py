@@ -17,6 +17,7 @@ from keras_psp.copying import copy_layer, copy_state
 from keras_psp.folding import unwrap
 from keras_psp.graph import flatten, rebuild
 from keras_psp.groups import GROUP, group_layers, group_views, wrap_groups
+from keras_psp.inlining import has_composites, inline_composites
 from keras_psp.layers import STRUCTURES, handler_of
 from keras_psp.wrapper import PSP
 
@@ -107,6 +108,7 @@ def wrap(
     model: keras.Model,
     structure: str = "channel",
     layers: LayerSelector = None,
+    composites: str = "inline",
     **psp_kwargs,
 ) -> keras.Model:
     """Returns a copy of `model` with its supported layers wrapped in `PSP`.
@@ -128,6 +130,15 @@ def wrap(
             structure fits), a layer name or class, a list of names and/or
             classes (each must be wrappable), or a predicate
             `fn(layer) -> bool` (unsupported matches are skipped).
+        composites: `"inline"` (the default): layers keras_psp does not
+            know that are built from sublayers (keras_hub's transformer and
+            MBConv blocks, your own blocks) are replaced by their sublayers'
+            calls first (`keras_psp.inlining.inline_composites`), so that the
+            layers inside are wrapped, cut and counted like any other; the
+            new model is flat, and its layers are named after their place
+            in the composite (`transformer_layer_0_self_attention_layer`).
+            `"keep"`: composites stay whole, and nothing inside them is
+            pruned.
         **psp_kwargs: Passed on to `PSP` (`threshold`, `regularizer`,
             `strength`).
 
@@ -140,6 +151,14 @@ def wrap(
     ```
     """
     check_graph_model(model, "wrap")
+    if composites not in ("inline", "keep"):
+        raise ValueError(f"wrap: `composites` must be 'inline' or 'keep', got {composites!r}.")
+    if composites == "inline" and has_composites(model):
+        model, kept = inline_composites(model)
+        if kept:
+            listed = "; ".join(f"'{name}': {why}" for name, why in kept)
+            warnings.warn(f"wrap: {len(kept)} composite layer(s) stay whole, so nothing inside "
+                          f"them is pruned ({listed}).", stacklevel=2)
     if structure == GROUP:
         if layers is not None:
             raise ValueError("wrap: structure='group' gives every removable channel group an "

@@ -337,10 +337,10 @@ class PSP(keras.layers.Wrapper):
             outputs = self._handler.forward(self.layer, inputs, kernels)
         return self._handler.finish(self.layer, outputs)
 
-    def compute_output_spec(self, inputs, *args, training=None, **kwargs):
-        if self._handler.call_arguments:
-            return self.layer.compute_output_spec(inputs, *args, **kwargs)
-        return super().compute_output_spec(inputs)
+    def compute_output_spec(self, *args, training=None, **kwargs):
+        if self._handler.call_arguments:  # the wrapped layer's arguments, by position or name
+            return self.layer.compute_output_spec(*args, **kwargs)
+        return super().compute_output_spec(*args, **kwargs)
 
     def compute_output_shape(self, input_shape):
         try:
@@ -393,7 +393,7 @@ class PSP(keras.layers.Wrapper):
         kernels = {id(attribute(self.layer, n)): n for n in self._handler.kernels}
         out = []
         for variable in self.layer.weights:
-            value = variable.numpy()  # a fresh array, faster than ops.convert_to_numpy
+            value = np.asarray(ops.convert_to_numpy(variable))
             name = kernels.get(id(variable))
             if name is not None:  # kernels in float32, the α-scaled one times α
                 value = value.astype("float32") * (scale if name == self.plan.kernel else 1)

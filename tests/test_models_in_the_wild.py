@@ -239,7 +239,7 @@ def test_custom_layers_that_rename_themselves_or_have_broken_configs(rng):
     inputs = keras.Input((4,))
     model = keras.Model(inputs, L.Dense(2, name="head")(_NoConfig(3, name="broken")(inputs)))
     with pytest.warns(UserWarning, match=r"'broken'.*cannot be re-created from its own config"):
-        wrapped = wrap(model)
+        wrapped = wrap(model, composites="keep")  # whole: the copy is a deep copy
     assert verify(model, wrapped, x) == 0.0
     with pytest.warns(UserWarning, match=r"'broken' \(unknown type _NoConfig\)"):
         small = slim(wrapped, check_inputs=x)
