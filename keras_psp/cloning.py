@@ -104,6 +104,34 @@ def _selector(layers: LayerSelector, model) -> tuple[Callable, bool]:
     return (lambda layer: layer.name in names or type(layer) in types), True
 
 
+def _structures(structure) -> Callable:
+    """`fn(layer) -> structure name or None` from wrap's `structure` argument:
+    one name for every layer, or a dict by layer class (or class name; the
+    closest base class listed wins, None: not wrapped)."""
+    def check(name):
+        if name not in STRUCTURES:
+            raise ValueError(f"Unknown structure {name!r}. Choose one of "
+                             f"{', '.join(map(repr, (*STRUCTURES, GROUP)))}.")
+
+    if not isinstance(structure, dict):
+        check(structure)
+        return lambda layer: structure
+    for key, name in structure.items():
+        if not isinstance(key, (str, type)):
+            raise TypeError(f"wrap: the keys of `structure` must be layer classes or class "
+                            f"names, got {key!r}.")
+        check(name)
+
+    def structure_of(layer):
+        for cls in type(layer).__mro__:
+            for key in (cls, cls.__name__):
+                if key in structure:
+                    return structure[key]
+        return None
+
+    return structure_of
+
+
 def wrap(
     model: keras.Model,
     structure: str = "channel",
@@ -120,7 +148,11 @@ def wrap(
     Args:
         model: A built Sequential or functional model (nested models are
             handled).
-        structure: The structure of every new wrapper (see `PSP`), or
+        structure: The structure of every new wrapper (see `PSP`); a dict
+            of structures by layer class or class name (the closest base
+            listed wins; other layers stay unwrapped), e.g.
+            `{"MultiHeadAttention": "head", "Dense": "channel"}` for a
+            transformer's heads and MLP neurons; or
             `"group"`: one α per channel of every coupled channel group,
             shared by all the layers that read it (`keras_psp.groups`); cut
             channels then leave every producer and reader together, so
@@ -164,11 +196,7 @@ def wrap(
             raise ValueError("wrap: structure='group' gives every removable channel group an "
                              "α; it takes no `layers` selection.")
         return wrap_groups(model, **psp_kwargs)
-    if structure not in STRUCTURES:
-        raise ValueError(
-            f"Unknown structure {structure!r}. Choose one of "
-            f"{', '.join(map(repr, (*STRUCTURES, GROUP)))}."
-        )
+    structure_of = _structures(structure)
     wanted, explicit = _selector(layers, model)
     skipped = []
 
@@ -180,7 +208,8 @@ def wrap(
                     "out of `layers`."
                 )
             return copy_layer(layer)
-        if not wanted(layer):
+        structure = structure_of(layer)
+        if not wanted(layer) or structure is None:
             return copy_layer(layer)
         handler = handler_of(layer)
         if handler is None or structure not in handler.structures:

@@ -5,7 +5,9 @@ macs=...)`) counts with it. A *composite* layer (a custom layer built from
 sublayers, as keras_hub's transformer blocks are) has no function of its
 own: its call is traced symbolically (no numbers are computed, and the
 model's layers gain no nodes), every sublayer call with a MAC function is
-counted at the shapes it really sees, and the sum is the composite's cost.
+counted at the shapes it really sees, and so is every `keras.ops.einsum` or
+`keras.ops.matmul` it calls (its attention matmuls); the sum is the
+composite's cost.
 """
 
 from __future__ import annotations
@@ -91,12 +93,17 @@ def family_macs(layer, input_shapes: list[tuple], output_shape: tuple,
     seen = _Shrunk(layer, updates) if updates else layer
     if getattr(fn, "by_name", False):
         return int(fn(seen, _by_name(layer, *arguments), output_shape))
+    if getattr(fn, "all_inputs", False):
+        return int(fn(seen, _shapes(arguments), output_shape))
     return int(fn(seen, input_shapes[0], output_shape))
 
 
 @contextlib.contextmanager
 def _recording(layers: set[int], records: list):
-    """Records `family_macs` of calls of `layers` (not inside a counted call)."""
+    """Records `family_macs` of calls of `layers`, and the MACs of
+    `keras.ops.einsum` / `keras.ops.matmul` calls (not inside a counted call)."""
+    from keras_psp.layers.operations import einsum_shape_macs, matmul_shape_macs
+
     original = _Layer.__call__
     depth = [0]
 
@@ -112,11 +119,26 @@ def _recording(layers: set[int], records: list):
                                    (args, kwargs)))
         return outputs
 
+    def counted(name, macs):
+        function = getattr(keras.ops, name)
+
+        def run(*args, **kwargs):
+            if not depth[0]:
+                records.append(macs(args, _shapes((args, kwargs))))
+            return function(*args, **kwargs)
+        return function, run
+
+    functions = {"einsum": counted("einsum", lambda a, s: einsum_shape_macs(a[0], s)),
+                 "matmul": counted("matmul", lambda a, s: matmul_shape_macs(*s[:2]))}
     _Layer.__call__ = call
+    for name, (_, run) in functions.items():
+        setattr(keras.ops, name, run)
     try:
         yield
     finally:
         _Layer.__call__ = original
+        for name, (function, _) in functions.items():
+            setattr(keras.ops, name, function)
 
 
 #: Traced MACs by call node: surgery keeps every channel through a composite,
@@ -125,16 +147,24 @@ def _recording(layers: set[int], records: list):
 _TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def traced_macs(layer, node) -> int:
+def traced_macs(layer, node, arguments: tuple | None = None) -> int:
     """MACs of one call of a composite `layer`, its call `node` traced again
-    (once per node and registry generation)."""
+    (once per node, argument shapes and registry generation).
+
+    Args:
+        layer: The composite.
+        node: Its call.
+        arguments: `(args, kwargs)` to trace instead of the node's own
+            (tensors of concrete shape); None: the node's.
+    """
+    args, kwargs = arguments or (node.arguments.args, node.arguments.kwargs)
+    key = (registry.generation, tuple(_shapes((args, kwargs))))
     cached = _TRACED.get(node)
-    if cached is None or cached[0] != registry.generation:  # a family registered since
+    if cached is None or cached[0] != key:  # a family registered since, other shapes
         records: list = []
-        args, kwargs = node.arguments.args, node.arguments.kwargs
         with _recording({id(s) for s in _sublayers(layer)}, records):
             keras.src.backend.compute_output_spec(layer.call, *args, **kwargs)
-        cached = _TRACED[node] = (registry.generation, sum(records))
+        cached = _TRACED[node] = (key, sum(records))
     return cached[1]
 
 
@@ -152,8 +182,7 @@ def call_macs(layer, op, input_shapes: list[tuple], output_shape: tuple,
         updates: Attributes of the slim layer that differ (`Rule.shrunk`).
     """
     if family(layer).macs is not None:
-        arguments = (op.node.arguments.args, op.node.arguments.kwargs)
-        return family_macs(layer, input_shapes, output_shape, arguments, updates)
+        return family_macs(layer, input_shapes, output_shape, op.call_arguments(), updates)
     if is_composite(layer):
-        return traced_macs(layer, op.node)
+        return traced_macs(layer, op.node, op.arguments)
     return None

@@ -19,7 +19,7 @@ from keras.src.models.functional import Functional
 
 from keras_psp.cloning import check_graph_model
 from keras_psp.counting import call_macs, invisible_weights, is_composite
-from keras_psp.graph import flatten
+from keras_psp.graph import flatten, not_fixed, with_input_shape
 from keras_psp.layers import family
 from keras_psp.surgery.cost import slim_flops
 from keras_psp.surgery.slim import slim
@@ -37,7 +37,7 @@ def _check(model, action: str) -> None:
     check_graph_model(model, action)
 
 
-def count_flops(model: keras.Model, pruned: bool = False) -> int:
+def count_flops(model: keras.Model, pruned: bool = False, input_shape=None) -> int:
     """Multiply-accumulates of one example through `model` ("FLOPs").
 
     Counts the MACs of convolutions (all kinds, grouped included) and `Dense`
@@ -50,6 +50,11 @@ def count_flops(model: keras.Model, pruned: bool = False) -> int:
         model: A built Sequential or functional model with fixed input shape
             (batch dimension excepted); nested models are counted inline.
         pruned: If True, count the model that `keras_psp.slim(model)` returns.
+        input_shape: For a model built for inputs of variable size (token
+            sequences): the size of one example to count at, without the
+            batch axis; a list of shapes in input order or a dict by input
+            name for several inputs (None for an input of fixed shape).
+            None: the model's own shapes, which must be fixed.
 
     Returns:
         The number of multiply-accumulates per example, an int.
@@ -60,17 +65,19 @@ def count_flops(model: keras.Model, pruned: bool = False) -> int:
     model = keras_psp.models.cifar_resnet(56)
     keras_psp.count_flops(model)                # 125_747_840
     keras_psp.count_flops(wrapped, pruned=True)  # after slim
+    keras_psp.count_flops(bert, input_shape={"token_ids": (128,), "segment_ids": (128,),
+                                             "padding_mask": (128,)})
     ```
     """
     _check(model, "count the FLOPs of")
     if pruned:  # from surgery's channel plan: no model is built
-        return slim_flops(model)
-    per_layer, unknown, share = _walk(model)
+        return slim_flops(model, input_shape=input_shape)
+    per_layer, unknown, share = _walk(model, input_shape)
     _warn_unknown(unknown, share)
     return sum(per_layer.values())
 
 
-def layer_flops(model: keras.Model) -> dict[str, int]:
+def layer_flops(model: keras.Model, input_shape=None) -> dict[str, int]:
     """Multiply-accumulates per example of each layer of `model`, by name.
 
     The same count as `count_flops`, before summing: one entry per layer with
@@ -81,6 +88,7 @@ def layer_flops(model: keras.Model) -> dict[str, int]:
 
     Args:
         model: A built Sequential or functional model with fixed input shape.
+        input_shape: As in `count_flops`.
 
     Returns:
         A dict `{layer name: MACs}`; its values sum to `count_flops(model)`.
@@ -92,7 +100,7 @@ def layer_flops(model: keras.Model) -> dict[str, int]:
     ```
     """
     _check(model, "count the FLOPs of")
-    per_layer, unknown, share = _walk(model)
+    per_layer, unknown, share = _walk(model, input_shape)
     _warn_unknown(unknown, share)
     return per_layer
 
@@ -118,24 +126,21 @@ def _hidden(model, graph) -> tuple[list[str], float]:
     return unknown, hidden / total if total else 0.0
 
 
-def _walk(model) -> tuple[dict[str, int], list[str], float]:
+def _walk(model, input_shape=None) -> tuple[dict[str, int], list[str], float]:
     """(MACs by layer name, unknown layers with weights, the share of the
-    model's weights in them) of the flat graph."""
+    model's weights in them) of the flat graph, at `input_shape` if given."""
     graph = flatten(model)
+    if input_shape is not None:
+        graph = with_input_shape(graph, input_shape)
     per_layer: dict[str, int] = {}
     for op in graph.ops:
-        layer = _inner(op)
-        if not isinstance(layer, keras.layers.Layer):
-            continue
+        layer = _inner(op)  # a layer, or a keras.ops operation (einsum, matmul)
         if family(layer).macs is None and not is_composite(layer):
             continue
         shapes = [graph.shapes[k] for k in op.inputs]
         output_shape = graph.shapes[op.outputs[0]]
         if any(None in s[1:] for s in shapes) or None in output_shape[1:]:
-            raise ValueError(
-                f"Cannot count the FLOPs of layer '{layer.name}': its input shape "
-                f"{shapes[0]} is not fixed. Build the model on a fixed input shape."
-            )
+            raise ValueError(not_fixed(layer, shapes[0]))
         name = op.layer.name
         per_layer[name] = per_layer.get(name, 0) + int(call_macs(layer, op, shapes, output_shape))
     return per_layer, *_hidden(model, graph)

@@ -36,6 +36,8 @@ class Op:
             `unwrap` for a PSP layer: its plain layer's weights, α folded).
         source: The layer the model calls (a PSP wrapper after `unwrap`).
         plain_weights: `layer.get_weights()`, read once by the surgery rules.
+        arguments: The call's `(args, kwargs)` with tensors of concrete
+            shape (`with_input_shape`); None: the model's own.
     """
 
     layer: keras.layers.Layer
@@ -46,6 +48,13 @@ class Op:
     arrays: list | None = None
     source: object = None
     plain_weights: list | None = dataclasses.field(default=None, repr=False)
+    arguments: tuple | None = dataclasses.field(default=None, repr=False)
+
+    def call_arguments(self) -> tuple:
+        """`(args, kwargs)` of the call, with concrete shapes where set."""
+        if self.arguments is not None:
+            return self.arguments
+        return self.node.arguments.args, self.node.arguments.kwargs
 
     def __post_init__(self):
         if self.source is None:
@@ -160,3 +169,82 @@ def rebuild(
         outputs if len(outputs) > 1 else outputs[0],
         name=name,
     )
+
+
+def _example_shapes(model, input_shape) -> list[tuple]:
+    """`input_shape` (one shape, a list in input order, or a dict by input
+    name; no batch axis) as one full shape per model input."""
+    inputs = _functional(model).inputs
+    names = [t._keras_history.operation.name for t in inputs]
+    if isinstance(input_shape, dict):
+        unknown = sorted(set(input_shape) - set(names))
+        if unknown:
+            raise ValueError(f"input_shape names {unknown}, which are not inputs of model "
+                             f"'{model.name}' (its inputs: {names}).")
+        given = [input_shape.get(name) for name in names]
+    elif input_shape and all(isinstance(d, int) or d is None for d in input_shape):
+        given = [tuple(input_shape)] + [None] * (len(inputs) - 1)
+    else:
+        given = list(input_shape)
+    if len(given) != len(inputs):
+        raise ValueError(f"input_shape gives {len(given)} shapes for the {len(inputs)} inputs "
+                         f"of model '{model.name}'.")
+    shapes = []
+    for tensor, name, shape in zip(inputs, names, given, strict=True):
+        own = tuple(tensor.shape)
+        shape = own[1:] if shape is None else tuple(shape)
+        if len(shape) != len(own) - 1 or any(
+                d is not None and d != e for d, e in zip(own[1:], shape, strict=True)):
+            raise ValueError(f"input_shape {shape} does not fit input '{name}' of model "
+                             f"'{model.name}', whose shape is {own} (give it without the "
+                             "batch axis).")
+        if None in shape:
+            raise ValueError(f"input_shape leaves a size of input '{name}' of model "
+                             f"'{model.name}' open: {shape}. Give every size.")
+        shapes.append((own[0], *shape))
+    return shapes
+
+
+def with_input_shape(graph: Graph, input_shape) -> Graph:
+    """`graph` as it runs on inputs of `input_shape` (no batch axis): every
+    tensor's shape concrete, and every op's call arguments concrete, for
+    counting a model built for inputs of variable size (token sequences).
+
+    Args:
+        graph: A flat graph.
+        input_shape: One shape (one input), a list of shapes in input order,
+            or a dict of shapes by input name; None for an input keeps its
+            own (fixed) shape.
+
+    Returns:
+        A new `Graph` with the same ops (copies holding concrete `arguments`).
+    """
+    inputs = _functional(graph.model).inputs
+    shapes = dict(graph.shapes)
+    values = {}
+    for key, tensor, shape in zip(graph.input_keys, inputs,
+                                  _example_shapes(graph.model, input_shape), strict=True):
+        values[key] = keras.KerasTensor(shape, dtype=tensor.dtype)
+        shapes[key] = shape
+    ops = []
+    for op in graph.ops:
+        args, kwargs = op.node.arguments.fill_in(
+            {tid: values[key] for tid, key in op.local.items()})
+        outputs = keras.tree.flatten(op.layer.compute_output_spec(*args, **kwargs))
+        if not any(getattr(t, "sparse", False) for t in keras.tree.flatten((args, kwargs))
+                   if isinstance(t, keras.KerasTensor)):
+            # Keras marks `x * constant` sparse (it takes a constant for a sparse
+            # tensor); dense inputs give a dense output
+            outputs = [keras.KerasTensor(t.shape, dtype=t.dtype) if t.sparse else t
+                       for t in outputs]
+        for key, tensor in zip(op.outputs, outputs, strict=True):
+            values[key], shapes[key] = tensor, tuple(tensor.shape)
+        ops.append(dataclasses.replace(op, arguments=(args, kwargs)))
+    return Graph(graph.model, graph.input_keys, graph.output_keys, ops, shapes)
+
+
+def not_fixed(layer, shape) -> str:
+    """The error of counting a layer whose input size is not fixed."""
+    return (f"Cannot count the FLOPs of layer '{layer.name}': its input shape {shape} is not "
+            "fixed. Pass the size of one example to count at (count_flops(model, "
+            "input_shape=...)), or build the model on a fixed input shape.")

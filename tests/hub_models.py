@@ -306,6 +306,22 @@ def vit(seed=0):
     return model, _images(32, seed=seed)
 
 
+def vit_wide(seed=0):
+    """ViT with a real ViT's proportions: MLP 4× the hidden width, 4 heads,
+    so that the patch embedding is a small share of the FLOPs.
+    Input (2, 32, 32, 3) float32."""
+    _seed(seed)
+    model = keras_hub.models.ViTBackbone(
+        image_shape=(32, 32, 3),
+        patch_size=8,
+        num_layers=2,
+        num_heads=4,
+        hidden_dim=32,
+        mlp_dim=128,
+    )
+    return model, _images(32, seed=seed)
+
+
 def deit(seed=0):
     """DeiT (DeiTEmbeddings + DeiTEncoder; fixed image size).
     Input (2, 32, 32, 3) float32."""
@@ -317,6 +333,21 @@ def deit(seed=0):
         num_heads=2,
         hidden_dim=16,
         intermediate_dim=32,
+    )
+    return model, _images(32, seed=seed)
+
+
+def deit_wide(seed=0):
+    """DeiT with a real DeiT's proportions (MLP 4× the hidden width, 4 heads).
+    Input (2, 32, 32, 3) float32."""
+    _seed(seed)
+    model = keras_hub.models.DeiTBackbone(
+        image_shape=(32, 32, 3),
+        patch_size=8,
+        num_layers=2,
+        num_heads=4,
+        hidden_dim=32,
+        intermediate_dim=128,
     )
     return model, _images(32, seed=seed)
 
@@ -405,7 +436,9 @@ FACTORIES = {
     "cspnet": cspnet,
     "cspnet_cs3": cspnet_cs3,
     "vit": vit,
+    "vit_wide": vit_wide,
     "deit": deit,
+    "deit_wide": deit_wide,
     "bert": bert,
     "gemma": gemma,
     "llama": llama,

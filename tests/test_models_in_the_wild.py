@@ -41,12 +41,13 @@ def _relative(a, b, x):
 # -- keras_hub backbones ------------------------------------------------------------
 
 
-#: Backbones whose convolutions and dense layers are stock Keras layers: cutting 40 % of
-#: their α must remove FLOPs. The others are built from custom composite layers that
-#: surgery keeps whole (a warning names them); they must still come back exact.
+#: Backbones of fixed input size whose convolutions and dense layers are stock Keras
+#: layers or sit in composite layers that `wrap` opens: cutting 40 % of their α must
+#: remove FLOPs. The others (token inputs, decoder blocks that stay whole: a warning
+#: names them) must still come back exact.
 PRUNABLE = {"resnet_basic", "resnet_bottleneck", "resnet_v2", "resnet_v2_bottleneck",
-            "resnet_vd", "efficientnet_v1", "densenet", "vgg", "xception", "cspnet",
-            "cspnet_cs3"}
+            "resnet_vd", "efficientnet", "efficientnet_v1", "mobilenet", "densenet", "vgg",
+            "xception", "cspnet", "cspnet_cs3", "vit_wide", "deit_wide"}
 
 
 @pytest.mark.parametrize("name", sorted(hub_models.FACTORIES))
@@ -65,6 +66,63 @@ def test_keras_hub_backbone_wrap_cut_slim_is_exact(name):
     if name in PRUNABLE:
         assert psp_layers(wrapped)
         assert count_flops(small) <= 0.85 * count_flops(model)
+
+
+def _cut_exactly(model, fraction=0.4, seed=0):
+    """Zeroes round(`fraction` × n) of every PSP layer's n α, chosen at random."""
+    rng = np.random.default_rng(seed)
+    for layer in psp_layers(model):
+        alpha = np.ones(layer.alpha.shape, "float32")
+        cut = min(int(round(fraction * alpha.size)), alpha.size - 1)
+        alpha.flat[rng.choice(alpha.size, size=cut, replace=False)] = 0.0
+        layer.alpha.assign(alpha)
+
+
+#: Transformers and CNNs whose FLOPs sit inside keras_hub composite layers.
+OPENED = ["bert", "vit_wide", "deit_wide", "efficientnet", "mobilenet"]
+
+
+@pytest.mark.parametrize("name", OPENED)
+def test_keras_hub_composites_are_opened_counted_and_pruned(name):
+    model, x = getattr(hub_models, name)()
+    shape = {k: v.shape[1:] for k, v in x.items()} if isinstance(x, dict) else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # keras_hub layers with broken configs
+        before = count_flops(model, input_shape=shape)
+        flat, kept = keras_psp.inlining.inline_composites(model)
+        wrapped = wrap(model, structure={"MultiHeadAttention": "head", "Layer": "channel"})
+    assert kept == []
+    assert keras_psp.flops.invisible_share(model) == 0.0  # every weight's cost is seen
+    assert count_flops(flat, input_shape=shape) == before  # traced inside = counted flat
+    assert psp_layers(wrapped)
+    _cut_exactly(wrapped)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = slim(wrapped, check_inputs=x)  # raises if it differs
+    assert _relative(wrapped, small, x) <= 1e-4
+    after = count_flops(small, input_shape=shape)
+    assert after == count_flops(wrapped, pruned=True, input_shape=shape)
+    assert after <= 0.7 * before, (after, before)
+
+
+def test_bert_flops_equal_the_hand_count_at_a_given_sequence_length():
+    """2 layers, 16 tokens, hidden 32, MLP 64: per layer the Q, K, V and output
+    projections, the two attention matmuls and the MLP; then the pooler on
+    the first token. Embedding lookups cost nothing."""
+    model, x = hub_models.bert()
+    length, hidden, mlp = 16, 32, 64
+    layer = 4 * length * hidden * hidden + 2 * length * length * hidden + 2 * length * hidden * mlp
+    shape = {name: (length,) for name in x}
+    assert count_flops(model, input_shape=shape) == 2 * layer + hidden * hidden
+    assert count_flops(model, input_shape={name: (8,) for name in x}) < 2 * layer
+    with pytest.raises(ValueError, match=r"input_shape=\.\.\."):
+        count_flops(model)  # token sequences of any length: say which
+    with pytest.raises(ValueError, match="not inputs of model"):
+        count_flops(model, input_shape={"tokens": (16,)})
+    with pytest.raises(ValueError, match="leaves a size"):
+        count_flops(model, input_shape={name: (None,) for name in x})
+    with pytest.raises(ValueError, match="does not fit"):
+        count_flops(model, input_shape={name: (16, 2) for name in x})
 
 
 def test_keras_hub_broken_config_is_copied_and_named():
@@ -352,6 +410,7 @@ def test_keras_hub_vit_flops_are_counted_inside_its_composite_layers():
     patches = 16 * (8 * 8 * 3) * 16
     attention = 3 * 17 * 16 * 16 + 2 * 17 * 17 * (8 + 8) + 17 * 16 * 16
     mlp = 2 * 17 * 16 * 32
-    with pytest.warns(UserWarning, match=r"ViTPatchingAndEmbedding\), holding 0\.2%"):
-        assert count_flops(model) == patches + 2 * (attention + mlp)  # its class token
-    assert keras_psp.flops.invisible_share(model) < 0.01
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing unseen: its class token is free
+        assert count_flops(model) == patches + 2 * (attention + mlp)
+    assert keras_psp.flops.invisible_share(model) == 0.0

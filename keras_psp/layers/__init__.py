@@ -15,6 +15,7 @@ from keras_psp.layers import (  # noqa: F401  (each registers its family)
     elementwise,
     known,
     merging,
+    operations,
     reshaping,
     separable,
 )

@@ -242,6 +242,8 @@ class Passthrough(Rule):
         return [const_in[0].copy()]
 
     def rebuild(self, op, present_in, present_out):
+        if not isinstance(op.layer, keras.layers.Layer):  # a keras.ops operation
+            return op.layer, None
         keep = present_in[0]
         weights = [w[..., keep] for w in op_weights(op)]
         return copy_layer(op.layer), weights or None

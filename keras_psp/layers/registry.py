@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 from keras_psp.layers.base import LayerHandler, MacFunction, Rule
 
@@ -85,11 +86,26 @@ def register_layer(
     generation += 1
 
 
+#: Families of other packages' layers, by top-level package: loaded the first
+#: time a layer of that package is looked up (the package is imported by then).
+_EXTENSIONS = {"keras_hub": "keras_psp.layers.hub"}
+
+
+def _load_extension(cls: type) -> None:
+    package = cls.__module__.partition(".")[0]
+    module = _EXTENSIONS.pop(package, None)
+    if module is not None:
+        importlib.import_module(module)
+
+
 def family(layer) -> LayerFamily:
     """The family of `layer` (an instance or a class): its closest registered
     class, with handler and rule dropped for a subclass that overrides `call`.
     A `LayerFamily` of Nones when nothing is registered."""
-    mro = (layer if isinstance(layer, type) else type(layer)).__mro__
+    cls = layer if isinstance(layer, type) else type(layer)
+    if _EXTENSIONS:
+        _load_extension(cls)
+    mro = cls.__mro__
     for depth, cls in enumerate(mro):
         found = _FAMILIES.get(cls)
         if found is None:

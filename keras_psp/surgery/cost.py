@@ -9,12 +9,11 @@ budget searches need (they evaluate many candidate cuts).
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 
 from keras_psp.counting import call_macs, is_composite
 from keras_psp.folding import unwrap
-from keras_psp.graph import flatten, width
+from keras_psp.graph import flatten, not_fixed, width, with_input_shape
 from keras_psp.layers import family
 from keras_psp.surgery.slim import plan_channels
 
@@ -30,7 +29,7 @@ def planned_macs(plan) -> int:
     """
     graph, total = plan.graph, 0
     for op, rule in zip(graph.ops, plan.rules, strict=True):
-        if id(op) not in plan.live or not isinstance(op.layer, keras.layers.Layer):
+        if id(op) not in plan.live:
             continue
         if family(op.layer).macs is None and not is_composite(op.layer):
             continue
@@ -42,17 +41,13 @@ def planned_macs(plan) -> int:
             shapes.append(tuple(shape))
         others = [graph.shapes[k] for k in op.inputs[1:]]
         if any(None in s[1:] for s in shapes + others):
-            raise ValueError(
-                f"Cannot count the FLOPs of layer '{op.layer.name}': its input shape "
-                f"{graph.shapes[op.inputs[0]]} is not fixed. Build the model on a fixed "
-                "input shape."
-            )
+            raise ValueError(not_fixed(op.layer, graph.shapes[op.inputs[0]]))
         total += int(call_macs(op.layer, op, [shapes[0], *others], shapes[1], rule.shrunk(op)))
     return total
 
 
 def slim_flops(model, alphas: dict | None = None, gather: bool = True,
-               multiple_of: int | None = None) -> int:
+               multiple_of: int | None = None, input_shape=None) -> int:
     """`count_flops(slim(model, gather=..., multiple_of=...))`, without building it.
 
     Args:
@@ -60,6 +55,10 @@ def slim_flops(model, alphas: dict | None = None, gather: bool = True,
         alphas: α values to use instead of the PSP layers' own, by `id` of
             the layer (a candidate cut); None: their α.
         gather, multiple_of: As in `slim`.
+        input_shape: As in `count_flops`.
     """
-    graph = unwrap(flatten(model), alphas)
+    graph = flatten(model)
+    if input_shape is not None:
+        graph = with_input_shape(graph, input_shape)
+    graph = unwrap(graph, alphas)
     return planned_macs(plan_channels(graph, gather, multiple_of))
