@@ -12,9 +12,10 @@ The run, with equal epochs for both arms:
 1. the unpruned ViT trains `--epochs` epochs (AdamW, cosine schedule);
 2. **unpruned**: it trains `--prune-epochs` more epochs (the equal-epochs
    reference);
-3. **PSP**: from the same trained weights, `keras_psp.wrap(structure="head")`
-   (one α per attention head) and `wrap(structure="channel")` on each MLP's
-   second `Dense` (one α per MLP neuron), `--prune-epochs` epochs with
+3. **PSP**: from the same trained weights, `keras_psp.wrap` with
+   `structure={"MultiHeadAttention": "head", "Dense": "channel"}` on the
+   attention layers (one α per head) and each MLP's second `Dense` (one α
+   per MLP neuron), `--prune-epochs` epochs with
    `keras_psp.FlopsBudget(--target)`; then `slim`: fewer heads in every
    `MultiHeadAttention`, fewer units in every MLP, verified against the
    pruned model, exported as a SavedModel (XLA) and a LiteRT file.
@@ -136,8 +137,9 @@ def main(argv=None) -> dict:
 
     # PSP arm: heads and MLP neurons, from the trained weights (`base` is not modified)
     mlp_out = [layer.name for layer in base.layers if layer.name.endswith("_mlp_out")]
-    model = keras_psp.wrap(keras_psp.wrap(base, structure="head"), structure="channel",
-                           layers=mlp_out)
+    model = keras_psp.wrap(base, structure={"MultiHeadAttention": "head", "Dense": "channel"},
+                           layers=lambda layer: isinstance(layer, L.MultiHeadAttention)
+                           or layer.name in mlp_out)
     wrapped = keras_psp.cloning.psp_layers(model)
     print(f"PSP: {sum(w.structure == 'head' for w in wrapped)} attention layers "
           f"(one α per head), {len(mlp_out)} MLPs (one α per neuron); {args.prune_epochs} "
