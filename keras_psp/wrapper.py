@@ -305,8 +305,8 @@ class PSP(keras.layers.Wrapper):
             name: ops.cast(attribute(self.layer, name), dtype)
             for name in self._handler.kernels
         }
-        scale = ops.cast(self.plan.expand(self.effective_alpha(alpha)), dtype)
-        kernels[self.plan.kernel] = kernels[self.plan.kernel] * scale
+        for name, scale in self.plan.scales(self.effective_alpha(alpha)).items():
+            kernels[name] = kernels[name] * ops.cast(scale, dtype)
         return kernels
 
     def _call_as(self, layer):
@@ -356,9 +356,7 @@ class PSP(keras.layers.Wrapper):
 
     def norms(self) -> np.ndarray:
         """ℓ2 norm of each structure's kernel entries (α not applied), shaped as α."""
-        kernel = np.asarray(ops.convert_to_numpy(attribute(self.layer, self.plan.kernel)),
-                            "float64")
-        return np.sqrt(self.plan.reduce(kernel**2))
+        return np.sqrt(self.plan.squared_norms(self.layer))
 
     def own_param_count(self) -> int:
         """Entries of the variables PSP adds (α and its strength): what `strip` drops."""
@@ -388,15 +386,15 @@ class PSP(keras.layers.Wrapper):
         """
         if alpha is None:
             self.check_finite("fold α into the kernel")
-        scale = self.plan.expand(self.effective_alpha(alpha, numpy=True))
-        scale = np.asarray(ops.convert_to_numpy(scale), "float32")
+        scales = {name: np.asarray(ops.convert_to_numpy(scale), "float32") for name, scale
+                  in self.plan.scales(self.effective_alpha(alpha, numpy=True)).items()}
         kernels = {id(attribute(self.layer, n)): n for n in self._handler.kernels}
         out = []
         for variable in self.layer.weights:
             value = np.asarray(ops.convert_to_numpy(variable))
             name = kernels.get(id(variable))
-            if name is not None:  # kernels in float32, the α-scaled one times α
-                value = value.astype("float32") * (scale if name == self.plan.kernel else 1)
+            if name is not None:  # kernels in float32, the α-scaled ones times α
+                value = value.astype("float32") * scales.get(name, 1)
             out.append(value)
         return out
 

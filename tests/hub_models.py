@@ -387,6 +387,23 @@ def gemma(seed=0):
     return model, _token_inputs(64, 8, seed=seed)
 
 
+def gemma_gqa(seed=0):
+    """Gemma decoder with grouped-query attention (4 query heads on 2
+    key/value heads) and an MLP 4× the hidden width. Inputs token_ids /
+    padding_mask int32 (2, 8)."""
+    _seed(seed)
+    model = keras_hub.models.GemmaBackbone(
+        vocabulary_size=64,
+        num_layers=2,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=32,
+        intermediate_dim=256,
+        head_dim=8,
+    )
+    return model, _token_inputs(64, 8, seed=seed)
+
+
 def llama(seed=0, tie_word_embeddings=False):
     """Llama decoder. Inputs token_ids/padding_mask int32 (2, 8), sequence
     dim variable."""
@@ -441,6 +458,7 @@ FACTORIES = {
     "deit_wide": deit_wide,
     "bert": bert,
     "gemma": gemma,
+    "gemma_gqa": gemma_gqa,
     "llama": llama,
     "gemma_causal_lm": gemma_causal_lm,
     "llama_causal_lm": llama_causal_lm,

@@ -78,19 +78,21 @@ def _cut_exactly(model, fraction=0.4, seed=0):
         layer.alpha.assign(alpha)
 
 
-#: Transformers and CNNs whose FLOPs sit inside keras_hub composite layers.
-OPENED = ["bert", "vit_wide", "deit_wide", "efficientnet", "mobilenet"]
+#: Transformers and CNNs whose FLOPs sit inside keras_hub composite layers: opened by
+#: `wrap`, or (Gemma's decoder blocks) pruned whole by their own family.
+INSIDE = ["bert", "vit_wide", "deit_wide", "gemma_gqa", "efficientnet", "mobilenet"]
+STRUCTURES = {"MultiHeadAttention": "head", "GemmaDecoderBlock": "block", "Layer": "channel"}
 
 
-@pytest.mark.parametrize("name", OPENED)
-def test_keras_hub_composites_are_opened_counted_and_pruned(name):
+@pytest.mark.parametrize("name", INSIDE)
+def test_keras_hub_composites_are_counted_and_pruned_inside(name):
     model, x = getattr(hub_models, name)()
     shape = {k: v.shape[1:] for k, v in x.items()} if isinstance(x, dict) else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # keras_hub layers with broken configs
         before = count_flops(model, input_shape=shape)
         flat, kept = keras_psp.inlining.inline_composites(model)
-        wrapped = wrap(model, structure={"MultiHeadAttention": "head", "Layer": "channel"})
+        wrapped = wrap(model, structure=STRUCTURES)
     assert kept == []
     assert keras_psp.flops.invisible_share(model) == 0.0  # every weight's cost is seen
     assert count_flops(flat, input_shape=shape) == before  # traced inside = counted flat

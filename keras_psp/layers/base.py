@@ -21,12 +21,15 @@ A *structure* is a group of kernel weights that shares one trainable scale:
 - ``"shape"``: one kernel position, across all channels;
 - ``"layer"``: the whole layer;
 - ``"head"``: one attention head (`MultiHeadAttention`: its slices of the
-  query, key, value and output projections).
+  query, key, value and output projections);
+- ``"block"``: a composite block's heads and MLP neurons, one α vector
+  (`keras_psp.layers.hub_gemma`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import keras
@@ -38,7 +41,7 @@ from keras_psp.graph import width
 
 #: The structures of a kernel: what convolutions and `Dense` support.
 KERNEL_STRUCTURES = ("channel", "filter", "column", "shape", "layer")
-STRUCTURES = (*KERNEL_STRUCTURES, "head")
+STRUCTURES = (*KERNEL_STRUCTURES, "head", "block")
 
 #: `fn(layer, input_shape, output_shape) -> MACs` for one call, batch first.
 MacFunction = Callable[[keras.layers.Layer, tuple, tuple], int]
@@ -65,6 +68,53 @@ class Plan:
     shape: tuple[int, ...]
     expand: Callable
     reduce: Callable
+
+    def scales(self, alpha) -> dict:
+        """`{kernel name: scale}`: each kernel times its scale is the effective
+        kernel (one kernel here; several for a `JointPlan`)."""
+        return {self.kernel: self.expand(alpha)}
+
+    def squared_norms(self, layer) -> np.ndarray:
+        """Sum of squared kernel entries of each structure of `layer`, shaped as α."""
+        kernel = np.asarray(keras.ops.convert_to_numpy(attribute(layer, self.kernel)), "float64")
+        return self.reduce(kernel**2)
+
+
+@dataclasses.dataclass(frozen=True)
+class JointPlan(Plan):
+    """One flat α over the structures of several plans, in order: a composite
+    layer's attention heads and MLP neurons (`joint_plan`)."""
+
+    parts: tuple = ()
+
+    def _pieces(self, alpha):
+        start = 0
+        for part in self.parts:
+            size = math.prod(part.shape)
+            yield part, alpha[start:start + size]
+            start += size
+
+    def scales(self, alpha) -> dict:
+        return {part.kernel: part.expand(piece) for part, piece in self._pieces(alpha)}
+
+    def squared_norms(self, layer) -> np.ndarray:
+        return np.concatenate([np.ravel(part.squared_norms(layer)) for part in self.parts])
+
+
+def joint_plan(*parts: Plan) -> JointPlan:
+    """A plan whose flat α is the α of each of `parts` (1-D each), concatenated.
+
+    Example:
+
+    ```python
+    plan = joint_plan(axis_plan("attention.output_dense.kernel", shape_a, (0,)),
+                      axis_plan("ffw_linear.kernel", shape_b, (0,)))
+    ```
+    """
+    if not parts or any(len(part.shape) != 1 for part in parts):
+        raise ValueError("joint_plan: give one or more plans with one axis of α each.")
+    return JointPlan(parts[0].kernel, (sum(part.shape[0] for part in parts),),
+                     parts[0].expand, parts[0].reduce, parts=tuple(parts))
 
 
 def axis_plan(kernel: str, kernel_shape, axes, flat: bool = False) -> Plan:

@@ -6,7 +6,8 @@ position embeddings, which keep every channel and cost no MACs (its
 `ReversibleEmbedding` is Keras's: `keras_psp.layers.known`), and
 normalizations over the channels
 (`RMSNormalization`, `LlamaLayerNorm`), which keep every channel as
-`LayerNormalization` does. The patch embeddings of ViT and DeiT keep their
+`LayerNormalization` does. Gemma's decoder block, which cannot be opened, has
+a family of its own (`keras_psp.layers.hub_gemma`). The patch embeddings of ViT and DeiT keep their
 channels; their convolution is counted inside them.
 """
 
@@ -39,3 +40,9 @@ def _classes(names):
 
 
 register_layer(*_classes(_FIXED), rule=Fixed())
+try:  # decoder blocks that stay whole: pruned by their own family
+    from keras_psp.layers import hub_gemma
+
+    hub_gemma.register()
+except ImportError:  # another keras_hub version
+    pass
