@@ -33,7 +33,7 @@ def test_gemma_blocks_wrap_exactly_train_and_round_trip(tmp_path):
     wrapped.compile(keras.optimizers.SGD(0.05, momentum=0.9), "mse")
     wrapped.fit(x, y, epochs=2, batch_size=2, verbose=0)
     after = [to_numpy(v) for v in (blocks[0].alpha, query)]
-    assert all(np.abs(a - b).max() > 1e-6 for a, b in zip(before, after))  # α and weights train
+    assert all(np.abs(a - b).max() > 1e-6 for a, b in zip(before, after, strict=True))  # α, weights train
     wrapped.save(tmp_path / "wrapped.keras")
     loaded = keras.saving.load_model(tmp_path / "wrapped.keras")
     assert isinstance(loaded.get_layer("decoder_block_0"), PSP)
