@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import keras
 
-from keras_psp.copying import copy_layer, copy_state
+from keras_psp.copying import call_copy, copy_layer, copy_state
 from keras_psp.folding import unwrap
 from keras_psp.graph import flatten, rebuild
 from keras_psp.groups import GROUP, group_layers, group_views, wrap_groups
@@ -326,20 +326,8 @@ def _strip_groups(model) -> keras.Model:
     built = {}
 
     def emit(op, values):
-        layer = op.layer
         args, kwargs = op.node.arguments.fill_in(
             {tid: values[key] for tid, key in op.local.items()})
-        if not isinstance(layer, keras.layers.Layer):
-            return keras.tree.flatten(layer(*args, **kwargs))
-        first = id(layer) not in built
-        if first:
-            built[id(layer)] = copy_layer(layer)
-        outputs = keras.tree.flatten(built[id(layer)](*args, **kwargs))
-        if first:
-            if op.arrays is not None:
-                built[id(layer)].set_weights(op.arrays)
-            else:
-                copy_state(layer, built[id(layer)])
-        return outputs
+        return call_copy(op.layer, built, args, kwargs, op.arrays)
 
     return rebuild(graph, emit, name=model.name)

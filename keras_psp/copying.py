@@ -177,3 +177,21 @@ def copy_state(source: keras.layers.Layer, target: keras.layers.Layer) -> None:
             with tempfile.TemporaryDirectory(prefix="keras_psp_assets_") as folder:
                 src.save_assets(folder)
                 dst.load_assets(folder)
+
+
+def call_copy(layer, copies: dict, args, kwargs, weights: list | None = None) -> list:
+    """Calls the copy of `layer` in `copies` (by `id`; made on the first call,
+    then its state copied, or `weights` set) on `args`, when rebuilding a
+    graph; a `keras.ops` operation is called as it is. Returns the flat outputs.
+    """
+    if not isinstance(layer, keras.layers.Layer):
+        return keras.tree.flatten(layer(*args, **kwargs))
+    first = id(layer) not in copies
+    if first:
+        copies[id(layer)] = copy_layer(layer)
+    outputs = keras.tree.flatten(copies[id(layer)](*args, **kwargs))
+    if first and weights is not None:
+        copies[id(layer)].set_weights(weights)
+    elif first:
+        copy_state(layer, copies[id(layer)])
+    return outputs

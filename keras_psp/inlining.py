@@ -28,7 +28,7 @@ import contextlib
 
 import keras
 
-from keras_psp.copying import copy_layer, copy_state
+from keras_psp.copying import call_copy, copy_layer, copy_state
 from keras_psp.counting import own_weights
 from keras_psp.graph import Graph, flatten, rebuild
 from keras_psp.layers import family
@@ -192,14 +192,6 @@ def inline_composites(model: keras.Model) -> tuple[keras.Model, list[tuple[str, 
                 kept[layer.name] = "its call returns other tensors when traced"
             except _Untraceable as why:
                 kept[layer.name] = str(why)
-        if not isinstance(layer, _Layer):  # a keras.ops operation
-            return keras.tree.flatten(layer(*args, **kwargs))
-        first = id(layer) not in copies
-        if first:
-            copies[id(layer)] = copy_layer(layer)
-        outputs = keras.tree.flatten(copies[id(layer)](*args, **kwargs))
-        if first:
-            copy_state(layer, copies[id(layer)])
-        return outputs
+        return call_copy(layer, copies, args, kwargs)
 
     return rebuild(graph, emit, name=model.name), list(kept.items())

@@ -291,7 +291,7 @@ def cspnet_cs3(seed=0):
 # --------------------------------------------------------------------------
 # Transformers
 # --------------------------------------------------------------------------
-def vit(seed=0):
+def vit(seed=0, num_heads=2, hidden_dim=16, mlp_dim=32):
     """ViT (ViTPatchingAndEmbedding + ViTEncoder; fixed image size).
     Input (2, 32, 32, 3) float32."""
     _seed(seed)
@@ -299,30 +299,20 @@ def vit(seed=0):
         image_shape=(32, 32, 3),
         patch_size=8,
         num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        mlp_dim=32,
+        num_heads=num_heads,
+        hidden_dim=hidden_dim,
+        mlp_dim=mlp_dim,
     )
     return model, _images(32, seed=seed)
 
 
 def vit_wide(seed=0):
     """ViT with a real ViT's proportions: MLP 4× the hidden width, 4 heads,
-    so that the patch embedding is a small share of the FLOPs.
-    Input (2, 32, 32, 3) float32."""
-    _seed(seed)
-    model = keras_hub.models.ViTBackbone(
-        image_shape=(32, 32, 3),
-        patch_size=8,
-        num_layers=2,
-        num_heads=4,
-        hidden_dim=32,
-        mlp_dim=128,
-    )
-    return model, _images(32, seed=seed)
+    so that the patch embedding is a small share of the FLOPs."""
+    return vit(seed, num_heads=4, hidden_dim=32, mlp_dim=128)
 
 
-def deit(seed=0):
+def deit(seed=0, num_heads=2, hidden_dim=16, intermediate_dim=32):
     """DeiT (DeiTEmbeddings + DeiTEncoder; fixed image size).
     Input (2, 32, 32, 3) float32."""
     _seed(seed)
@@ -330,26 +320,16 @@ def deit(seed=0):
         image_shape=(32, 32, 3),
         patch_size=8,
         num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
+        num_heads=num_heads,
+        hidden_dim=hidden_dim,
+        intermediate_dim=intermediate_dim,
     )
     return model, _images(32, seed=seed)
 
 
 def deit_wide(seed=0):
-    """DeiT with a real DeiT's proportions (MLP 4× the hidden width, 4 heads).
-    Input (2, 32, 32, 3) float32."""
-    _seed(seed)
-    model = keras_hub.models.DeiTBackbone(
-        image_shape=(32, 32, 3),
-        patch_size=8,
-        num_layers=2,
-        num_heads=4,
-        hidden_dim=32,
-        intermediate_dim=128,
-    )
-    return model, _images(32, seed=seed)
+    """DeiT with a real DeiT's proportions (MLP 4× the hidden width, 4 heads)."""
+    return deit(seed, num_heads=4, hidden_dim=32, intermediate_dim=128)
 
 
 BERT_SEQ_LEN = 16
@@ -370,7 +350,8 @@ def bert(seed=0):
     return model, _token_inputs(100, BERT_SEQ_LEN, seed=seed, segments=True)
 
 
-def gemma(seed=0):
+def gemma(seed=0, num_query_heads=2, num_key_value_heads=1, hidden_dim=16,
+          intermediate_dim=32):
     """Gemma decoder (tied ReversibleEmbedding; backbone uses it only
     forward). Inputs token_ids/padding_mask int32 (2, 8), sequence dim
     variable."""
@@ -378,10 +359,10 @@ def gemma(seed=0):
     model = keras_hub.models.GemmaBackbone(
         vocabulary_size=64,
         num_layers=2,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=16,
-        intermediate_dim=32,
+        num_query_heads=num_query_heads,
+        num_key_value_heads=num_key_value_heads,
+        hidden_dim=hidden_dim,
+        intermediate_dim=intermediate_dim,
         head_dim=8,
     )
     return model, _token_inputs(64, 8, seed=seed)
@@ -389,19 +370,9 @@ def gemma(seed=0):
 
 def gemma_gqa(seed=0):
     """Gemma decoder with grouped-query attention (4 query heads on 2
-    key/value heads) and an MLP 4× the hidden width. Inputs token_ids /
-    padding_mask int32 (2, 8)."""
-    _seed(seed)
-    model = keras_hub.models.GemmaBackbone(
-        vocabulary_size=64,
-        num_layers=2,
-        num_query_heads=4,
-        num_key_value_heads=2,
-        hidden_dim=32,
-        intermediate_dim=256,
-        head_dim=8,
-    )
-    return model, _token_inputs(64, 8, seed=seed)
+    key/value heads) and an MLP 4× the hidden width (two gates of 128)."""
+    return gemma(seed, num_query_heads=4, num_key_value_heads=2, hidden_dim=32,
+                 intermediate_dim=256)
 
 
 def llama(seed=0, tie_word_embeddings=False):
