@@ -212,6 +212,8 @@ def wrap(
         if not wanted(layer) or structure is None:
             return copy_layer(layer)
         handler = handler_of(layer)
+        if handler is not None and handler.fits(layer) is not None:
+            handler = None  # a configuration its family does not cover
         if handler is None or structure not in handler.structures:
             if explicit:
                 PSP(copy_layer(layer), structure=structure, **psp_kwargs)  # raises

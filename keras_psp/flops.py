@@ -19,7 +19,7 @@ from keras.src.models.functional import Functional
 
 from keras_psp.cloning import check_graph_model
 from keras_psp.counting import call_macs, invisible_weights, is_composite
-from keras_psp.graph import flatten, not_fixed, with_input_shape
+from keras_psp.graph import counting_graph, flatten, not_fixed
 from keras_psp.layers import family
 from keras_psp.surgery.cost import slim_flops
 from keras_psp.surgery.slim import slim
@@ -129,9 +129,7 @@ def _hidden(model, graph) -> tuple[list[str], float]:
 def _walk(model, input_shape=None) -> tuple[dict[str, int], list[str], float]:
     """(MACs by layer name, unknown layers with weights, the share of the
     model's weights in them) of the flat graph, at `input_shape` if given."""
-    graph = flatten(model)
-    if input_shape is not None:
-        graph = with_input_shape(graph, input_shape)
+    graph = counting_graph(model, input_shape)
     per_layer: dict[str, int] = {}
     for op in graph.ops:
         layer = _inner(op)  # a layer, or a keras.ops operation (einsum, matmul)
@@ -139,7 +137,7 @@ def _walk(model, input_shape=None) -> tuple[dict[str, int], list[str], float]:
             continue
         shapes = [graph.shapes[k] for k in op.inputs]
         output_shape = graph.shapes[op.outputs[0]]
-        if any(None in s[1:] for s in shapes) or None in output_shape[1:]:
+        if any(None in s[1:] for s in shapes):  # (an EinsumDense may leave output sizes open)
             raise ValueError(not_fixed(layer, shapes[0]))
         name = op.layer.name
         per_layer[name] = per_layer.get(name, 0) + int(call_macs(layer, op, shapes, output_shape))

@@ -231,6 +231,10 @@ def with_input_shape(graph: Graph, input_shape) -> Graph:
         args, kwargs = op.node.arguments.fill_in(
             {tid: values[key] for tid, key in op.local.items()})
         outputs = keras.tree.flatten(op.layer.compute_output_spec(*args, **kwargs))
+        if isinstance(op.layer, keras.layers.Layer) and any(
+                None in tuple(t.shape)[1:] for t in outputs):  # (EinsumDense's open sizes)
+            outputs = keras.tree.flatten(
+                keras.src.backend.compute_output_spec(op.layer.call, *args, **kwargs))
         if not any(getattr(t, "sparse", False) for t in keras.tree.flatten((args, kwargs))
                    if isinstance(t, keras.KerasTensor)):
             # Keras marks `x * constant` sparse (it takes a constant for a sparse
@@ -248,3 +252,17 @@ def not_fixed(layer, shape) -> str:
     return (f"Cannot count the FLOPs of layer '{layer.name}': its input shape {shape} is not "
             "fixed. Pass the size of one example to count at (count_flops(model, "
             "input_shape=...)), or build the model on a fixed input shape.")
+
+
+def counting_graph(model, input_shape=None) -> Graph:
+    """The flat graph of `model` with the shapes `count_flops` counts at:
+    `input_shape`'s, or, when the inputs are fixed but a layer leaves a size
+    open (an `EinsumDense` with `output_shape=(None, units)`), the sizes a
+    real call gives."""
+    graph = flatten(model)
+    if input_shape is not None:
+        return with_input_shape(graph, input_shape)
+    fixed = all(None not in graph.shapes[k][1:] for k in graph.input_keys)
+    if fixed and any(None in shape[1:] for shape in graph.shapes.values()):
+        return with_input_shape(graph, {})  # every input at its own shape
+    return graph

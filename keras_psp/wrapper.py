@@ -194,6 +194,10 @@ class PSP(keras.layers.Wrapper):
                 "register its family with keras_psp.register_layer(handler=...) (README, "
                 "'Extending keras_psp')."
             )
+        why = self._handler.fits(layer)
+        if why is not None:
+            raise TypeError(f"PSP cannot wrap layer '{name}' ({type(layer).__name__}): {why}. "
+                            "Leave it unwrapped.")
         if structure not in STRUCTURES:
             raise ValueError(
                 f"Unknown structure {structure!r} for layer '{name}'. Choose one "

@@ -45,6 +45,7 @@ JAX_SUBSET = {
     "test_flops.py": ("attention_and_composite",),  # a composite traced on JAX  # a user's layer, its math in keras.ops
     "test_inlining.py": ("of_your_own", "structure_per_layer_class", "matmuls"),  # traced on JAX
     "test_decoder_blocks.py": ("train_and_round_trip",),  # α inside a block's call, JAX training
+    "test_einsum_dense.py": ("gated_mlp",),
 }
 _CLONING_EXCLUDED = ("keras_applications", "nested_application", "convnext")
 

@@ -12,6 +12,7 @@ from keras_psp.layers import (  # noqa: F401  (each registers its family)
     convolution,
     dense,
     depthwise,
+    einsum_dense,
     elementwise,
     known,
     merging,

@@ -1,4 +1,4 @@
-"""Attention and its projections: `MultiHeadAttention` heads, `EinsumDense` (cost).
+"""Attention: `MultiHeadAttention` heads.
 
 `PSP(MultiHeadAttention(...), structure="head")` gives every head one α,
 which scales the head's slice of the output projection: the head's whole
@@ -8,11 +8,9 @@ matching slices of its query, key, value (and gate) projections removed;
 the other heads, softmax included, compute exactly what they did. The layer's
 input and output channels are kept.
 
-`count_flops` counts an `EinsumDense` as the product of its equation's
-dimensions, and a `MultiHeadAttention` as its four projections plus the two
-attention matmuls (scores `QKᵀ` and their weighted sum of `V`): softmax and
-dropout count zero, as BN and activations do. Surgery keeps every channel
-through an `EinsumDense`.
+`count_flops` counts a `MultiHeadAttention` as its four projections plus the
+two attention matmuls (scores `QKᵀ` and their weighted sum of `V`): softmax
+and dropout count zero, as BN and activations do.
 """
 
 from __future__ import annotations
@@ -130,26 +128,6 @@ def by_name(fn):
     return fn
 
 
-def einsum_macs(layer, input_shape, output_shape) -> int:
-    """One multiply-accumulate per combination of the equation's letters,
-    the batch (the input's first axis) excepted."""
-    equation = layer.equation.replace(" ", "")
-    inputs, rest = equation.split(",")
-    kernel, _ = rest.split("->")
-    shape = list(input_shape)
-    leading = 1
-    if "..." in inputs:
-        explicit = inputs.replace("...", "")
-        covered = len(shape) - len(explicit)
-        leading = math.prod(int(d) for d in shape[1:covered])
-        inputs, shape = explicit, shape[covered:]
-    else:
-        shape[0] = 1  # the batch
-    sizes = dict(zip(inputs, shape, strict=True))
-    sizes.update(zip(kernel.replace("...", ""), layer.kernel.shape, strict=True))
-    return leading * math.prod(int(sizes[c]) for c in set(inputs) | set(kernel))
-
-
 @by_name
 def attention_macs(layer, arguments, output_shape) -> int:
     """Projections of query, key and value (and the gate), scores, weighted
@@ -175,6 +153,5 @@ def attention_macs(layer, arguments, output_shape) -> int:
     return total + positions(query) * heads * value_dim * out
 
 
-register_layer(L.EinsumDense, macs=einsum_macs)
 register_layer(L.MultiHeadAttention, handler=AttentionHandler(), rule=AttentionRule(),
                macs=attention_macs)

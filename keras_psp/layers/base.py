@@ -168,6 +168,11 @@ class LayerHandler:
     missing: dict[str, str] = {}
     call_arguments: bool = False
 
+    def fits(self, layer: keras.layers.Layer) -> str | None:
+        """Why `PSP` cannot wrap this layer of the family (a configuration the
+        handler does not cover), or None when it can."""
+        return None
+
     def plan(self, layer: keras.layers.Layer, structure: str) -> Plan:
         """Returns the `Plan` of `structure` for a built `layer`."""
         raise NotImplementedError

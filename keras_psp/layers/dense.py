@@ -36,12 +36,18 @@ class DenseRule(Boundary):
     def fold(self, op, values):
         return values @ op_weights(op)[0].astype("float64")
 
-    def rebuild(self, op, present_in, present_out, bias=None):
-        keep_in, keep_out = present_in[0], present_out[0]
+    @staticmethod
+    def sliced(op, keep_in, keep_out, has_bias: bool) -> list:
+        """The layer's weights: kernel `(in, out)` and bias sliced."""
         weights = op_weights(op)
         weights[0] = weights[0][keep_in][:, keep_out]
-        if op.layer.use_bias:
+        if has_bias:
             weights[1] = weights[1][keep_out]
+        return weights
+
+    def rebuild(self, op, present_in, present_out, bias=None):
+        keep_in, keep_out = present_in[0], present_out[0]
+        weights = self.sliced(op, keep_in, keep_out, op.layer.use_bias)
         return self.with_bias(op, weights, keep_out, bias, units=int(keep_out.sum()))
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from keras_psp.counting import call_macs, is_composite
 from keras_psp.folding import unwrap
-from keras_psp.graph import flatten, not_fixed, width, with_input_shape
+from keras_psp.graph import counting_graph, not_fixed, width
 from keras_psp.layers import family
 from keras_psp.surgery.slim import plan_channels
 
@@ -40,7 +40,7 @@ def planned_macs(plan) -> int:
                 shape[-1] = int(np.sum(plan.present[key] if kept is None else kept))
             shapes.append(tuple(shape))
         others = [graph.shapes[k] for k in op.inputs[1:]]
-        if any(None in s[1:] for s in shapes + others):
+        if any(None in s[1:] for s in [shapes[0], *others]):
             raise ValueError(not_fixed(op.layer, graph.shapes[op.inputs[0]]))
         total += int(call_macs(op.layer, op, [shapes[0], *others], shapes[1], rule.shrunk(op)))
     return total
@@ -57,8 +57,5 @@ def slim_flops(model, alphas: dict | None = None, gather: bool = True,
         gather, multiple_of: As in `slim`.
         input_shape: As in `count_flops`.
     """
-    graph = flatten(model)
-    if input_shape is not None:
-        graph = with_input_shape(graph, input_shape)
-    graph = unwrap(graph, alphas)
+    graph = unwrap(counting_graph(model, input_shape), alphas)
     return planned_macs(plan_channels(graph, gather, multiple_of))
