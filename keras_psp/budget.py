@@ -11,6 +11,7 @@ from keras.src.utils import io_utils
 
 from keras_psp.cloning import psp_layers
 from keras_psp.flops import count_flops
+from keras_psp.graph import counted_at_input_shape
 from keras_psp.ranking import ALLOCATIONS, prune_to, reachable
 from keras_psp.recalibration import recalibrate
 from keras_psp.slim_cost import require_psp_layers as _require_psp_layers
@@ -105,6 +106,9 @@ class FlopsBudget(keras.callbacks.Callback):
         multiple_of: Cut in blocks so that every PSP layer and channel group
             keeps a multiple of this many structures (`keras_psp.prune_to`);
             with `structure="group"` the slim model's widths are multiples.
+        input_shape: For a model whose inputs have sizes left open (token
+            sequences): the size of one example to count FLOPs at, as
+            `keras_psp.count_flops` takes it. None: the model's own shapes.
 
     Example:
 
@@ -118,8 +122,9 @@ class FlopsBudget(keras.callbacks.Callback):
     def __init__(self, target: float = 0.5, begin: float = 0.0, end: float = 0.5,
                  checks_per_epoch: int = 4, allocation: str = "uniform", min_keep: int = 1,
                  recalibrate=None, recalibration_steps: int = 16, verbose: int = 1,
-                 multiple_of: int | None = None):
+                 multiple_of: int | None = None, input_shape=None):
         super().__init__()
+        self.input_shape = input_shape
         for name, value, ok, what in (
             ("target", target, 0 < target <= 1, f"in (0, 1] (a fraction of the unpruned {self._what})"),
             ("begin", begin, 0 <= begin < 1, "in [0, 1)"),
@@ -164,6 +169,7 @@ class FlopsBudget(keras.callbacks.Callback):
         if not layers or all(layer.built for layer in layers):
             self._start()  # else: a model that fit builds on its first batch
 
+    @counted_at_input_shape
     def _start(self):
         self._layers = _require_psp_layers(self.model, "FlopsBudget", graph=True)
         smallest = reachable(self.model, self.min_keep, self.multiple_of, self._profile)
@@ -209,6 +215,7 @@ class FlopsBudget(keras.callbacks.Callback):
 
     # -- checks -----------------------------------------------------------------
 
+    @counted_at_input_shape
     def _control(self, done: float) -> None:
         """One check after `done` epochs: cut down to the schedule's goal."""
         if not self._started:
@@ -246,6 +253,7 @@ class FlopsBudget(keras.callbacks.Callback):
             self._epoch_end_done = True
         self._recalibrate()
 
+    @counted_at_input_shape
     def on_epoch_end(self, epoch, logs=None):
         logs = {} if logs is None else logs
         if not self._epoch_end_done:

@@ -14,6 +14,7 @@ from keras.src.utils import io_utils
 
 from keras_psp.cloning import psp_layers
 from keras_psp.distributed.cluster import is_chief
+from keras_psp.graph import counted_at_input_shape
 from keras_psp.slim_cost import SlimCost
 from keras_psp.slim_cost import masks as _masks
 from keras_psp.slim_cost import require_psp_layers as _require_psp_layers
@@ -51,6 +52,9 @@ class SeparationMonitor(keras.callbacks.Callback):
         min_separation: Separation needed for `patience` to stop.
         flops: Compute the slimmed model's FLOPs and parameters.
         verbose: 1 prints one line per epoch; 0 is silent.
+        input_shape: For a model whose inputs have sizes left open (token
+            sequences): the size of one example to count FLOPs at, as
+            `keras_psp.count_flops` takes it. None: the model's own shapes.
 
     Example:
 
@@ -63,8 +67,9 @@ class SeparationMonitor(keras.callbacks.Callback):
 
     def __init__(self, every_n_steps: int | None = None, log_dir: str | None = None,
                  patience: int | None = None, min_separation: float = 0.5, flops: bool = True,
-                 verbose: int = 1):
+                 verbose: int = 1, input_shape=None):
         super().__init__()
+        self.input_shape = input_shape
         for name, value, low in (("every_n_steps", every_n_steps, 1), ("patience", patience, 0)):
             if value is not None and (not isinstance(value, int) or value < low):
                 raise ValueError(f"SeparationMonitor: `{name}` must be an integer >= {low} or "
@@ -87,6 +92,7 @@ class SeparationMonitor(keras.callbacks.Callback):
         if not layers or all(layer.built for layer in layers):
             self._start()  # else: a model that fit builds on its first batch
 
+    @counted_at_input_shape
     def _start(self):
         self._psp = _require_psp_layers(self.model, "SeparationMonitor", graph=self.flops)
         if self.flops and getattr(self._cost, "model", None) is not self.model:
@@ -101,6 +107,7 @@ class SeparationMonitor(keras.callbacks.Callback):
 
             self._writer = tf.summary.create_file_writer(self.log_dir)
 
+    @counted_at_input_shape
     def _check(self, since) -> tuple[dict, list]:
         """Figures now; `since` are the masks to count changes against."""
         stats, pooled = model_stats(self._psp)

@@ -19,7 +19,7 @@ from keras.src.models.functional import Functional
 
 from keras_psp.cloning import check_graph_model
 from keras_psp.counting import call_macs, invisible_weights, is_composite
-from keras_psp.graph import counting_graph, flatten, not_fixed
+from keras_psp.graph import counted_at, counting_graph, flatten, not_fixed  # noqa: F401 (public)
 from keras_psp.layers import family
 from keras_psp.surgery.cost import slim_flops
 from keras_psp.surgery.slim import slim

@@ -6,7 +6,10 @@ layer call of the whole network on one graph of tensors.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable
 
@@ -254,15 +257,54 @@ def not_fixed(layer, shape) -> str:
             "input_shape=...)), or build the model on a fixed input shape.")
 
 
+_COUNTED_AT: contextvars.ContextVar = contextvars.ContextVar("keras_psp_counted_at",
+                                                            default=None)
+
+
+@contextlib.contextmanager
+def counted_at(input_shape):
+    """Inside, FLOPs of models whose inputs have sizes left open (token
+    sequences) are counted at `input_shape` (as `count_flops`'s argument),
+    by every function and callback that counts; None changes nothing.
+
+    Example:
+
+    ```python
+    with keras_psp.flops.counted_at({"token_ids": (128,), "padding_mask": (128,)}):
+        keras_psp.prune_to(wrapped_bert, flops=0.5)
+    ```
+    """
+    token = _COUNTED_AT.set(input_shape) if input_shape is not None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _COUNTED_AT.reset(token)
+
+
+def counted_at_input_shape(method):
+    """Runs a method with FLOPs counted at its object's `input_shape`
+    (`counted_at`): the hooks of the callbacks that count."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with counted_at(self.input_shape):
+            return method(self, *args, **kwargs)
+    return run
+
+
 def counting_graph(model, input_shape=None) -> Graph:
     """The flat graph of `model` with the shapes `count_flops` counts at:
-    `input_shape`'s, or, when the inputs are fixed but a layer leaves a size
-    open (an `EinsumDense` with `output_shape=(None, units)`), the sizes a
-    real call gives."""
+    `input_shape`'s (or `counted_at`'s, for inputs with open sizes), or,
+    when the inputs are fixed but a layer leaves a size open (an
+    `EinsumDense` with `output_shape=(None, units)`), the sizes a real call
+    gives."""
     graph = flatten(model)
+    fixed = all(None not in graph.shapes[k][1:] for k in graph.input_keys)
+    if input_shape is None and not fixed:
+        input_shape = _COUNTED_AT.get()
     if input_shape is not None:
         return with_input_shape(graph, input_shape)
-    fixed = all(None not in graph.shapes[k][1:] for k in graph.input_keys)
     if fixed and any(None in shape[1:] for shape in graph.shapes.values()):
         return with_input_shape(graph, {})  # every input at its own shape
     return graph

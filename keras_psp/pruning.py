@@ -50,7 +50,7 @@ def prune(model: keras.Model, x, y=None, *, target: float = 0.5, epochs: int = 3
           structure: str = "channel", batch_size: int = 32, validation_data=None,
           loss=None, metrics=None, optimizer=None, learning_rate: float = 0.03,
           allocation: str = "uniform", callbacks=None, verbose: int | str = "auto",
-          **psp_kwargs) -> keras.Model:
+          input_shape=None, **psp_kwargs) -> keras.Model:
     """Prunes a trained model to `target` of its FLOPs in `epochs` epochs of fine-tuning.
 
     The counterpart of tfmot's `prune_low_magnitude` + `strip_pruning`, with
@@ -84,7 +84,11 @@ def prune(model: keras.Model, x, y=None, *, target: float = 0.5, epochs: int = 3
         allocation: "uniform" or "global" (see `keras_psp.prune_to`).
         callbacks: More Keras callbacks.
         verbose: `fit`'s verbosity; 0 is silent.
-        **psp_kwargs: Passed on to `wrap` (`regularizer`, `strength`, `layers`).
+        input_shape: For a model whose inputs have sizes left open (token
+            sequences): the size of one example to count FLOPs at, as
+            `keras_psp.count_flops` takes it.
+        **psp_kwargs: Passed on to `wrap` (`regularizer`, `strength`, `layers`,
+            `composites`).
 
     Returns:
         The slim model: plain Keras layers, fine-tuned, BN statistics
@@ -120,19 +124,22 @@ def prune(model: keras.Model, x, y=None, *, target: float = 0.5, epochs: int = 3
     else:
         calibration = x
     budget = FlopsBudget(target, end=0.5, allocation=allocation, recalibrate=calibration,
-                         verbose=0 if verbose == 0 else 1)
+                         verbose=0 if verbose == 0 else 1, input_shape=input_shape)
     before = None  # the unpruned model's figures: every α is 1 yet
     if validation_data is not None and verbose != 0:
         before = wrapped.evaluate(*_split(validation_data), verbose=0, return_dict=True)
     wrapped.fit(x, y, batch_size=batch_size if _is_arrays(x) else None, epochs=epochs,
                 validation_data=validation_data, verbose=verbose,
-                callbacks=[SeparationMonitor(verbose=0), budget, *(callbacks or [])])
+                callbacks=[SeparationMonitor(verbose=0, input_shape=input_shape), budget,
+                           *(callbacks or [])])
     check = keras.tree.map_structure(lambda a: a[:64], x) if _is_arrays(x) else None
     small = slim(wrapped, check_inputs=check)  # BN statistics: FlopsBudget's, at train end
     small.compile(optimizer=keras.optimizers.SGD(), loss=loss, metrics=metrics)
     if verbose != 0:
-        line = (f"prune: FLOPs {count_flops(model):,} -> {count_flops(small):,} "
-                f"({count_flops(small) / max(count_flops(model), 1):.3f}), parameters "
+        before_flops = count_flops(model, input_shape=input_shape)
+        after_flops = count_flops(small, input_shape=input_shape)
+        line = (f"prune: FLOPs {before_flops:,} -> {after_flops:,} "
+                f"({after_flops / max(before_flops, 1):.3f}), parameters "
                 f"{model.count_params():,} -> {small.count_params():,}")
         if before is not None:
             after = small.evaluate(*_split(validation_data), verbose=0, return_dict=True)

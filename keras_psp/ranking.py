@@ -24,6 +24,7 @@ import numpy as np
 
 from keras_psp.cloning import check_graph_model, psp_layers
 from keras_psp.flops import count_flops
+from keras_psp.graph import counted_at
 from keras_psp.surgery.cost import slim_flops
 
 
@@ -261,7 +262,7 @@ def _check_target(name: str, value) -> None:
 def prune_to(model: keras.Model, flops: float | None = None, allocation: str = "uniform",
              min_keep: int = 1, optimizer=None, verbose: int = 0,
              multiple_of: int | None = None, latency: float | None = None,
-             profile=None) -> Cut:
+             profile=None, input_shape=None) -> Cut:
     """Cuts the lowest-ranked structures until the slim model meets a FLOPs or latency target.
 
     Structures already cut stay cut; the others are ranked by `scores` and
@@ -303,6 +304,9 @@ def prune_to(model: keras.Model, flops: float | None = None, allocation: str = "
         latency: Instead of `flops`: the predicted latency of the slim model
             over the unpruned model's, in (0, 1]; needs `profile`.
         profile: A `keras_psp.latency.LatencyProfile` of this model.
+        input_shape: For a model whose inputs have sizes left open (token
+            sequences): the size of one example to count FLOPs at, as
+            `keras_psp.count_flops` takes it.
 
     Returns:
         A `Cut`: the fraction reached and what was cut.
@@ -324,6 +328,13 @@ def prune_to(model: keras.Model, flops: float | None = None, allocation: str = "
     keras_psp.prune_to(wrapped, latency=0.6, profile=table)
     ```
     """
+    with counted_at(input_shape):
+        return _prune_to(model, flops, allocation, min_keep, optimizer, verbose, multiple_of,
+                         latency, profile)
+
+
+def _prune_to(model, flops, allocation, min_keep, optimizer, verbose, multiple_of, latency,
+              profile) -> Cut:
     check_graph_model(model, "prune_to")
     if (flops is None) == (latency is None):
         raise ValueError("prune_to: give exactly one target, `flops` or `latency` (fractions "

@@ -45,6 +45,7 @@ def summary(
     model: keras.Model,
     print_fn: Callable[[str], None] | None = None,
     slim_model: keras.Model | None = None,
+    input_shape=None,
 ) -> list[dict]:
     """Prints and returns a per-layer table of what slimming `model` saves.
 
@@ -69,6 +70,9 @@ def summary(
         slim_model: `keras_psp.slim(model)` if already computed; computed
             here otherwise (its warnings are passed on; a non-finite α
             raises the `ValueError` of `slim`).
+        input_shape: For a model whose inputs have sizes left open (token
+            sequences): the size of one example to count FLOPs at, as
+            `keras_psp.count_flops` takes it.
 
     Returns:
         A list of dicts, one per row, with keys `name`, `type` (the wrapped
@@ -88,7 +92,8 @@ def summary(
     _check(model, "summarize")
     if slim_model is None:
         slim_model = slim(model)
-    flops_before, flops_after = layer_flops(model), layer_flops(slim_model)
+    flops_before = layer_flops(model, input_shape=input_shape)
+    flops_after = layer_flops(slim_model, input_shape=input_shape)
     after = _layers(slim_model)
     rows, paired = [], set()
     views = {}

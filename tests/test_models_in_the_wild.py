@@ -416,3 +416,34 @@ def test_keras_hub_vit_flops_are_counted_inside_its_composite_layers():
         warnings.simplefilter("error", UserWarning)  # nothing unseen: its class token is free
         assert count_flops(model) == patches + 2 * (attention + mlp)
     assert keras_psp.flops.invisible_share(model) == 0.0
+
+
+def test_bert_trains_to_a_flops_budget_counted_at_a_given_length():
+    backbone, x = hub_models.bert()
+    model = keras.Model(backbone.input, backbone.output["pooled_output"])
+    shape = {name: (hub_models.BERT_SEQ_LEN,) for name in x}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = wrap(model, structure={"MultiHeadAttention": "head", "Dense": "channel"})
+    rng = np.random.default_rng(0)
+    inputs = {k: np.concatenate([v] * 16) for k, v in x.items()}
+    y = rng.normal(size=(32, 32)).astype("float32")
+    wrapped.compile(keras.optimizers.SGD(0.01, momentum=0.9), "mse")
+    budget = keras_psp.FlopsBudget(0.6, end=0.5, verbose=0, input_shape=shape)
+    monitor = keras_psp.SeparationMonitor(verbose=0, input_shape=shape)
+    history = wrapped.fit(inputs, y, batch_size=8, epochs=2, verbose=0,
+                          callbacks=[monitor, budget])
+    assert history.history["psp_flops"][-1] <= 0.6
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = slim(wrapped, check_inputs=x)
+    ratio = count_flops(small, input_shape=shape) / count_flops(model, input_shape=shape)
+    assert 0.5 <= ratio <= 0.6
+    assert abs(monitor.history[-1]["psp_flops"] - ratio) < 1e-9
+    rows = keras_psp.summary(wrapped, print_fn=lambda text: None, slim_model=small,
+                             input_shape=shape)
+    assert rows[-1]["flops_after"] / rows[-1]["flops_before"] == pytest.approx(ratio)
+    cut = keras_psp.prune_to(wrapped, flops=0.4, input_shape=shape)
+    assert cut.reached <= 0.4
+    with pytest.raises(ValueError, match=r"input_shape=\.\.\."):
+        keras_psp.prune_to(wrapped, flops=0.3)  # without the length: say so
