@@ -177,12 +177,15 @@ def inline_composites(model: keras.Model) -> tuple[keras.Model, list[tuple[str, 
     taken = {op.layer.name for op in graph.ops if isinstance(op.layer, _Layer)}
     copies: dict[int, _Layer] = {}
     kept: dict[str, str] = {}
+    shared = graph.shared()  # a layer called twice stays whole: its copies would differ
 
     def emit(op, values):
         layer = op.layer
         args, kwargs = op.node.arguments.fill_in(
             {tid: values[key] for tid, key in op.local.items()})
-        if is_inlinable(layer) and len(graph.shared().get(id(layer), [op])) == 1:
+        if is_inlinable(layer) and id(layer) in shared:
+            kept[layer.name] = "it is called more than once, and its copies would not share weights"
+        elif is_inlinable(layer):
             try:
                 outputs = _trace(layer, args, kwargs, taken)
                 symbolic = [isinstance(t, keras.KerasTensor) or key not in graph.output_keys

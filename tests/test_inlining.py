@@ -227,3 +227,14 @@ def test_attention_matmuls_written_with_ops_are_counted():
     projections = 3 * 10 * 8 * 8
     assert count_flops(model) == projections + 10 * 10 * 8 + 10 * 10 * 8
     assert keras_psp.flops.layer_flops(model)[out._keras_history.operation.name] == 800
+
+
+def test_a_composite_called_twice_stays_whole_so_its_weights_stay_shared(rng):
+    inputs = keras.Input((4, 4, 16))
+    block = ConvBlock(16, name="shared")
+    model = keras.Model(inputs, block(block(inputs)))
+    with pytest.warns(UserWarning, match=r"'shared': it is called more than once"):
+        wrapped = wrap(model)
+    assert psp_layers(wrapped) == []
+    x = rng.normal(size=(2, 4, 4, 16)).astype("float32")
+    assert verify(model, wrapped, x) < 1e-5
