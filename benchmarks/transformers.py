@@ -45,7 +45,8 @@ def _cut(model, fraction: float = 0.4, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     for layer in psp_layers(model):
         alpha = np.ones(layer.alpha.shape, "float32")
-        alpha.flat[rng.choice(alpha.size, size=int(fraction * alpha.size), replace=False)] = 0.0
+        cut = min(int(round(fraction * alpha.size)), alpha.size - 1)
+        alpha.flat[rng.choice(alpha.size, size=cut, replace=False)] = 0.0
         layer.alpha.assign(alpha)
 
 
