@@ -55,6 +55,8 @@ def parse_args(argv=None):
                    help="k: further epochs, for both the unpruned and the PSP arm")
     p.add_argument("--target", type=float, default=0.5,
                    help="FLOPs of the slim model over the unpruned one's")
+    p.add_argument("--allocation", default="uniform", choices=("uniform", "global"),
+                   help="how FlopsBudget spreads the cut over the layers")
     p.add_argument("--depth", type=int, default=4, help="transformer blocks")
     p.add_argument("--width", type=int, default=64, help="hidden (model) width")
     p.add_argument("--heads", type=int, default=4, help="attention heads per block")
@@ -149,7 +151,7 @@ def main(argv=None) -> dict:
     monitor = keras_psp.SeparationMonitor(log_dir=os.path.join(args.out, "tensorboard"),
                                           verbose=0)
     budget = keras_psp.FlopsBudget(target=args.target, begin=0.0, end=0.5,
-                                   verbose=1 if args.verbose else 0)
+                                   allocation=args.allocation, verbose=1 if args.verbose else 0)
     start = time.perf_counter()
     model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.prune_epochs,
               validation_data=(x_test, y_test), callbacks=[monitor, budget, PruningReport()],
