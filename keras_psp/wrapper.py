@@ -305,12 +305,14 @@ class PSP(keras.layers.Wrapper):
     def effective_kernels(self, dtype=None, alpha=None) -> dict:
         """The wrapped layer's kernels with α folded in, by attribute name."""
         dtype = dtype or self.compute_dtype
-        kernels = {
-            name: ops.cast(attribute(self.layer, name), dtype)
+        kernels = {  # a kernel the layer does not have (a bias it does not use) is None
+            name: None if attribute(self.layer, name) is None
+            else ops.cast(attribute(self.layer, name), dtype)
             for name in self._handler.kernels
         }
         for name, scale in self.plan.scales(self.effective_alpha(alpha)).items():
-            kernels[name] = kernels[name] * ops.cast(scale, dtype)
+            if kernels[name] is not None:
+                kernels[name] = kernels[name] * ops.cast(scale, dtype)
         return kernels
 
     def _call_as(self, layer):

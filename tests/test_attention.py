@@ -90,8 +90,8 @@ def test_head_alpha_returns_attention_scores_and_masks():
                                    **TOL)
 
 
-def test_head_is_the_only_attention_structure_and_heads_fit_only_attention():
-    with pytest.raises(ValueError, match="pruned by whole heads; use structure='head'"):
+def test_attention_structures_and_heads_fit_only_attention():
+    with pytest.raises(ValueError, match=r"pruned by heads \('head'\) or by dimensions"):
         PSP(L.MultiHeadAttention(2, 4), structure="channel")
     with pytest.raises(ValueError, match="supports 'channel'"):
         PSP(L.Conv2D(4, 3), structure="head")
@@ -182,3 +182,35 @@ def test_attention_macs_follow_the_heads():
     by_hand = (10 * 16 * 4 * 8 + 7 * 12 * 4 * 8 + 7 * 12 * 4 * 6
                + 4 * 10 * 7 * (8 + 6) + 10 * 4 * 6 * 16)
     assert attention_macs(layer, shapes, (None, 10, 16)) == by_hand
+
+
+# the slim layer's value_dim differs from its key_dim, which Keras 3.15's own
+# MultiHeadAttention cannot run on JAX (see "value_dim" above)
+@pytest.mark.tensorflow_only
+@pytest.mark.parametrize("case", ["self", "cross_with_key", "causal", "gate"])
+@pytest.mark.parametrize("structure", ["value", "key"])
+def test_value_and_key_dimensions_leave_the_slim_layer_exactly(structure, case):
+    factory, shapes, kwargs = CALLS[case]
+    args = _inputs(*shapes)
+    inputs = [keras.Input(shape) for shape in shapes]
+    model = keras.Model(inputs, factory()(*inputs, **kwargs))
+    wrapped = wrap(model, structure=structure)
+    (layer,) = psp_layers(wrapped)
+    np.testing.assert_allclose(wrapped.predict(args, verbose=0), model.predict(args, verbose=0),
+                               **TOL)
+    alpha = RNG.uniform(0.5, 1.5, size=layer.alpha.shape).astype("float32")
+    alpha[1::2] = 0.0
+    layer.alpha.assign(alpha)
+    small = slim(wrapped, check_inputs=args)  # raises if it differs
+    np.testing.assert_allclose(small.predict(args, verbose=0), wrapped.predict(args, verbose=0),
+                               **TOL)
+    (attention,) = [m for m in small.layers if isinstance(m, L.MultiHeadAttention)]
+    original = model.layers[-1]
+    kept = int(np.sum(alpha > 0))
+    if structure == "value":
+        assert (attention.key_dim, attention.value_dim) == (original.key_dim, kept)
+    else:
+        assert (attention.key_dim, attention.value_dim) == (kept, original.value_dim or
+                                                            original.key_dim)
+    assert attention.num_heads == original.num_heads
+    assert count_flops(small) == count_flops(wrapped, pruned=True) < count_flops(model)

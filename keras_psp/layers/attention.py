@@ -1,12 +1,14 @@
-"""Attention: `MultiHeadAttention` heads.
+"""Attention: `MultiHeadAttention` heads, value and key dimensions.
 
 `PSP(MultiHeadAttention(...), structure="head")` gives every head one α,
 which scales the head's slice of the output projection: the head's whole
 contribution to the layer's output. A head whose α is cut contributes
 nothing, and `slim` rebuilds the layer with `num_heads` reduced and the
 matching slices of its query, key, value (and gate) projections removed;
-the other heads, softmax included, compute exactly what they did. The layer's
-input and output channels are kept.
+the other heads, softmax included, compute exactly what they did.
+`structure="value"` and `"key"` cut dimensions of every head's values
+(`value_dim`) and of its queries and keys (`key_dim`) the same way. The
+layer's input and output channels are kept.
 
 `count_flops` counts a `MultiHeadAttention` as its four projections plus the
 two attention matmuls (scores `QKᵀ` and their weighted sum of `V`): softmax
@@ -15,6 +17,7 @@ and dropout count zero, as BN and activations do.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -23,28 +26,59 @@ from keras import ops
 from keras.src import backend
 
 from keras_psp.copying import copy_layer
-from keras_psp.layers.base import KERNEL_STRUCTURES, Fixed, LayerHandler, axis_plan, op_weights
+from keras_psp.layers.base import (
+    KERNEL_STRUCTURES,
+    Fixed,
+    LayerHandler,
+    Plan,
+    axis_plan,
+    op_weights,
+)
 from keras_psp.layers.registry import register_layer
 
-#: The output projection's kernel, `(heads, value_dim, *output)`: α scales axis 0.
+#: The output projection's kernel, `(heads, value_dim, *output)`: α of heads
+#: scales axis 0, α of value dimensions axis 1.
 OUTPUT_KERNEL = "_output_dense.kernel"
+#: The query projection, `(in, heads, key_dim)` and `(heads, key_dim)`: α of
+#: key dimensions scales the query's last axis, kernel and bias alike.
+QUERY_KERNEL, QUERY_BIAS = "_query_dense.kernel", "_query_dense.bias"
+
+
+@dataclasses.dataclass(frozen=True)
+class _QueryPlan(Plan):
+    """α per key dimension: one scale on the query kernel's and bias's last axis."""
+
+    def scales(self, alpha) -> dict:
+        scale = ops.reshape(alpha, (-1,))
+        return {QUERY_KERNEL: scale, QUERY_BIAS: scale}
 
 
 class AttentionHandler(LayerHandler):
-    """α per head of a `MultiHeadAttention`, on its output projection.
+    """α per head, per value dimension or per key dimension of a
+    `MultiHeadAttention`.
 
-    `forward` runs the layer's own attention (masks, causal mask, dropout,
-    gate) and projects the heads' outputs with the α-scaled kernel.
+    `"head"` scales a head's slice of the output projection (its whole
+    contribution); `"value"` one dimension of every head's value, through
+    the output projection's rows that read it; `"key"` one dimension of every
+    head's query (kernel and bias), so a cut one adds nothing to the
+    attention scores. `forward` runs the layer's own attention (masks,
+    causal mask, dropout, gate) with the scaled query and output kernels.
     """
 
-    kernels = (OUTPUT_KERNEL,)
-    structures = ("head",)
-    missing = {s: "a MultiHeadAttention is pruned by whole heads; use structure='head'"
-               for s in KERNEL_STRUCTURES}
+    kernels = (OUTPUT_KERNEL, QUERY_KERNEL, QUERY_BIAS)
+    structures = ("head", "value", "key")
+    missing = {s: "a MultiHeadAttention is pruned by heads ('head') or by dimensions of its "
+                  "values ('value') or keys ('key')" for s in KERNEL_STRUCTURES}
     call_arguments = True
 
     def plan(self, layer, structure):
-        return axis_plan(OUTPUT_KERNEL, layer._output_dense.kernel.shape, (0,))
+        output = layer._output_dense.kernel.shape
+        if structure == "head":
+            return axis_plan(OUTPUT_KERNEL, output, (0,))
+        if structure == "value":
+            return axis_plan(OUTPUT_KERNEL, output, (1,))
+        query = axis_plan(QUERY_KERNEL, layer._query_dense.kernel.shape, (2,))
+        return _QueryPlan(QUERY_KERNEL, query.shape, query.expand, query.reduce)
 
     def build(self, layer, input_shape):
         layer.build(input_shape, input_shape)  # self-attention; build it first for cross-attention
@@ -59,8 +93,11 @@ class AttentionHandler(LayerHandler):
             query, value, query_mask=query_mask, value_mask=value_mask, key_mask=key_mask,
             attention_mask=attention_mask, use_causal_mask=use_causal_mask)
         gate = layer._gate_dense(query) if layer._use_gate else None
+        projected = ops.einsum(layer._query_dense.equation, query, kernels[QUERY_KERNEL])
+        if kernels.get(QUERY_BIAS) is not None:
+            projected = ops.add(projected, kernels[QUERY_BIAS])
         heads, scores = layer._compute_attention(
-            layer._query_dense(query), layer._key_dense(key), layer._value_dense(value),
+            projected, layer._key_dense(key), layer._value_dense(value),
             attention_mask, training, return_attention_scores)
         if gate is not None:
             heads = ops.multiply(heads, gate)
@@ -76,48 +113,73 @@ class AttentionHandler(LayerHandler):
         return outputs  # the output projection's bias is in `forward`
 
 
-class AttentionRule(Fixed):
-    """Keeps every channel in and out; drops the heads whose output slice is
-    zero (α folded in) from all the projections, with `num_heads` reduced.
+def _alive(array: np.ndarray, axis: int) -> np.ndarray:
+    """Bool per index of `axis`: True where some entry is not zero."""
+    return np.moveaxis(np.abs(array), axis, 0).reshape(array.shape[axis], -1).max(axis=1) > 0
 
-    Heads stay when the call returns the attention scores (their shape names
-    the heads) or when every head is cut (one stays, so the layer is valid).
+
+class AttentionRule(Fixed):
+    """Keeps every channel in and out; drops heads, value dimensions and key
+    dimensions whose weights are zero (α folded in) from all the projections,
+    with `num_heads`, `value_dim` and `key_dim` reduced.
+
+    A head is cut when its output slice is zero, a value dimension when the
+    output rows that read it are, a key dimension when the query's kernel and
+    bias are zero on it (the new layer's query is scaled so that its smaller
+    `1/sqrt(key_dim)` gives the same scores). Heads stay when the call
+    returns the attention scores (their shape names the heads); one of each
+    stays when all are cut, so the layer is valid.
     """
 
     @staticmethod
-    def alive(op) -> np.ndarray:
-        """Bool per head: True where the head is kept."""
+    def keep(op) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Bool per head, per key dimension and per value dimension: True where kept."""
         layer = op.layer
-        index = [id(v) for v in layer.weights].index(id(layer._output_dense.kernel))
-        kernel = op_weights(op)[index]
-        alive = np.abs(kernel).reshape(kernel.shape[0], -1).max(axis=1) > 0
+        weights = dict(zip((id(v) for v in layer.weights), op_weights(op), strict=True))
+        output = weights[id(layer._output_dense.kernel)]
+        heads, values = _alive(output, 0), _alive(output, 1)
+        keys = _alive(weights[id(layer._query_dense.kernel)], 2)
+        if layer._query_dense.bias is not None:
+            keys |= _alive(weights[id(layer._query_dense.bias)], 1)
         if len(op.outputs) > 1:
-            alive[:] = True
-        elif not alive.any():
-            alive[0] = True
-        return alive
+            heads[:] = True
+        for alive in (heads, keys, values):
+            if not alive.any():
+                alive[0] = True
+        return heads, keys, values
 
     def shrunk(self, op):
-        return {"num_heads": int(self.alive(op).sum())}
+        heads, keys, values = self.keep(op)
+        return {"num_heads": int(heads.sum()), "key_dim": int(keys.sum()),
+                "value_dim": int(values.sum())}
 
     def rebuild(self, op, present_in, present_out):
         layer = op.layer
         weights = op_weights(op)
-        output_kernel = layer._output_dense.kernel
-        alive = self.alive(op)
-        if alive.all():
+        heads, keys, values = self.keep(op)
+        if heads.all() and keys.all() and values.all():
             return copy_layer(layer), weights
-        axes = {}  # head axis of each sublayer's weights: (kernel, bias)
-        for dense in (layer._query_dense, layer._key_dense, layer._value_dense,
-                      getattr(layer, "_gate_dense", None)):
+        cuts = {}  # per variable: (mask, axis) pairs
+        projections = [(layer._query_dense, keys), (layer._key_dense, keys),
+                       (layer._value_dense, values), (getattr(layer, "_gate_dense", None), values)]
+        for dense, dims in projections:
             if dense is not None:
-                axes[id(dense.kernel)] = 1  # (in, heads, dim)
+                cuts[id(dense.kernel)] = [(heads, 1), (dims, 2)]  # (in, heads, dim)
                 if dense.bias is not None:
-                    axes[id(dense.bias)] = 0  # (heads, dim)
-        axes[id(output_kernel)] = 0  # (heads, dim, out)
-        sliced = [np.compress(alive, w, axis=axes[id(v)]) if id(v) in axes else w
-                  for v, w in zip(layer.weights, weights, strict=True)]
-        return copy_layer(layer, num_heads=int(alive.sum())), sliced
+                    cuts[id(dense.bias)] = [(heads, 0), (dims, 1)]  # (heads, dim)
+        cuts[id(layer._output_dense.kernel)] = [(heads, 0), (values, 1)]  # (heads, dim, out)
+        scale = np.sqrt(keys.sum() / keys.size)  # 1/sqrt(key_dim) of the new layer
+        query = {id(layer._query_dense.kernel)}
+        if layer._query_dense.bias is not None:
+            query.add(id(layer._query_dense.bias))
+        sliced = []
+        for variable, value in zip(layer.weights, weights, strict=True):
+            for keep, axis in cuts.get(id(variable), ()):
+                value = np.compress(keep, value, axis=axis)
+            if id(variable) in query and not keys.all():
+                value = (value * scale).astype(value.dtype)
+            sliced.append(value)
+        return copy_layer(layer, **self.shrunk(op)), sliced
 
 
 def by_name(fn):

@@ -22,6 +22,8 @@ A *structure* is a group of kernel weights that shares one trainable scale:
 - ``"layer"``: the whole layer;
 - ``"head"``: one attention head (`MultiHeadAttention`: its slices of the
   query, key, value and output projections);
+- ``"value"``, ``"key"``: one dimension of every attention head's values,
+  or of its queries and keys (`value_dim`, `key_dim`);
 - ``"block"``: a composite block's heads and MLP neurons, one α vector
   (`keras_psp.layers.hub_gemma`).
 """
@@ -41,7 +43,7 @@ from keras_psp.graph import width
 
 #: The structures of a kernel: what convolutions and `Dense` support.
 KERNEL_STRUCTURES = ("channel", "filter", "column", "shape", "layer")
-STRUCTURES = (*KERNEL_STRUCTURES, "head", "block")
+STRUCTURES = (*KERNEL_STRUCTURES, "head", "value", "key", "block")
 
 #: `fn(layer, input_shape, output_shape) -> MACs` for one call, batch first.
 MacFunction = Callable[[keras.layers.Layer, tuple, tuple], int]
