@@ -26,8 +26,8 @@ def test_vit_example_prunes_heads_and_neurons_and_the_slim_vit_loads_without_ker
         tmp_path, capsys):
     job = _load_example()
     result = job.main(["--train-limit", "512", "--test-limit", "256", "--epochs", "1",
-                       "--prune-epochs", "2", "--depth", "2", "--out", str(tmp_path),
-                       "--verbose", "0"])
+                       "--prune-epochs", "2", "--depth", "2", "--allocation", "uniform",
+                       "--out", str(tmp_path), "--verbose", "0"])  # uniform: both kinds cut
     out = capsys.readouterr().out
     assert "key ratio:" in out.splitlines()[-1]
     before, after = result["flops"]
@@ -60,7 +60,8 @@ def test_vit_example_prunes_heads_and_neurons_and_the_slim_vit_loads_without_ker
 def test_vit_example_flags():
     job = _load_example()
     default = job.parse_args([])
-    assert (default.target, default.heads, default.width, default.mlp) == (0.5, 4, 64, 128)
+    assert (default.target, default.heads, default.width, default.mlp, default.allocation) == (
+        0.5, 4, 64, 128, "global")
     for bad in (["--target", "0"], ["--width", "30"], ["--prune-epochs", "0"],
                 ["--test-limit", "100"]):
         with pytest.raises(SystemExit):
