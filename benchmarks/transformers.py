@@ -35,19 +35,11 @@ from _timing import interleaved, median, print_table  # noqa: E402
 from fashion_mnist_vit import vit  # noqa: E402
 
 import keras_psp  # noqa: E402
+from helpers import cut_exactly  # noqa: E402  (tests/)
 from keras_psp.cloning import psp_layers  # noqa: E402
 
 STRUCTURES = {"MultiHeadAttention": "head", "GemmaDecoderBlock": "block", "Layer": "channel"}
 BACKBONES = ("bert", "vit_wide", "gemma_gqa")
-
-
-def _cut(model, fraction: float = 0.4, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    for layer in psp_layers(model):
-        alpha = np.ones(layer.alpha.shape, "float32")
-        cut = min(int(round(fraction * alpha.size)), alpha.size - 1)
-        alpha.flat[rng.choice(alpha.size, size=cut, replace=False)] = 0.0
-        layer.alpha.assign(alpha)
 
 
 def slim_times(repeats: int) -> list[tuple]:
@@ -58,7 +50,7 @@ def slim_times(repeats: int) -> list[tuple]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # keras_hub layers with broken configs
             wrapped = keras_psp.wrap(model, structure=STRUCTURES)
-            _cut(wrapped)
+            cut_exactly(wrapped)
             small = keras_psp.slim(wrapped, check_inputs=x)  # verified once
             times = []
             for _ in range(repeats):

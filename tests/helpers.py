@@ -88,3 +88,16 @@ def assert_loads_without_keras_psp(model, x, expected, folder, rtol=1e-5):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"LOADED {model.count_params()}" in result.stdout
+
+
+def cut_exactly(model, fraction: float = 0.4, seed: int = 0) -> None:
+    """Zeroes round(`fraction` × n) of every PSP layer's n α (at least one
+    stays), chosen at random."""
+    from keras_psp.cloning import psp_layers
+
+    rng = np.random.default_rng(seed)
+    for layer in psp_layers(model):
+        alpha = np.ones(layer.alpha.shape, "float32")
+        cut = min(int(round(fraction * alpha.size)), alpha.size - 1)
+        alpha.flat[rng.choice(alpha.size, size=cut, replace=False)] = 0.0
+        layer.alpha.assign(alpha)

@@ -16,7 +16,7 @@ import pytest
 from keras import layers as L
 
 import keras_psp
-from helpers import to_numpy
+from helpers import cut_exactly, to_numpy
 from keras_psp import count_flops, slim, strip, verify, wrap
 from keras_psp.cloning import psp_layers
 from keras_psp.copying import LayerCopyError
@@ -68,16 +68,6 @@ def test_keras_hub_backbone_wrap_cut_slim_is_exact(name):
         assert count_flops(small) <= 0.85 * count_flops(model)
 
 
-def _cut_exactly(model, fraction=0.4, seed=0):
-    """Zeroes round(`fraction` × n) of every PSP layer's n α, chosen at random."""
-    rng = np.random.default_rng(seed)
-    for layer in psp_layers(model):
-        alpha = np.ones(layer.alpha.shape, "float32")
-        cut = min(int(round(fraction * alpha.size)), alpha.size - 1)
-        alpha.flat[rng.choice(alpha.size, size=cut, replace=False)] = 0.0
-        layer.alpha.assign(alpha)
-
-
 #: Transformers and CNNs whose FLOPs sit inside keras_hub composite layers: opened by
 #: `wrap`, or (Gemma's decoder blocks) pruned whole by their own family.
 INSIDE = ["bert", "vit_wide", "deit_wide", "gemma_gqa", "efficientnet", "mobilenet"]
@@ -97,7 +87,7 @@ def test_keras_hub_composites_are_counted_and_pruned_inside(name):
     assert keras_psp.flops.invisible_share(model) == 0.0  # every weight's cost is seen
     assert count_flops(flat, input_shape=shape) == before  # traced inside = counted flat
     assert psp_layers(wrapped)
-    _cut_exactly(wrapped)
+    cut_exactly(wrapped)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         small = slim(wrapped, check_inputs=x)  # raises if it differs
