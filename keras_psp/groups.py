@@ -35,7 +35,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_psp.copying import copy_layer, copy_state
+from keras_psp.copying import copy_layer, copy_state, read_values
 from keras_psp.graph import flatten, rebuild, width
 from keras_psp.layers import Passthrough, handler_of, register_layer
 from keras_psp.penalties import (
@@ -567,8 +567,8 @@ def fold_groups(graph, alphas: dict | None = None) -> None:
                                 "fold into; only layers wrap(structure='group') chose can "
                                 "read channel groups.")
             plan = handler.plan(inner, "channel")
-            weights = reader.arrays if reader.arrays is not None else [
-                np.asarray(w) for w in inner.get_weights()]
+            weights = reader.arrays if reader.arrays is not None else read_values(
+                inner.weights)
             position = [i for i, v in enumerate(inner.weights)
                         if v is getattr(inner, plan.kernel)][0]
             factor = np.asarray(ops.convert_to_numpy(plan.expand(scale)))

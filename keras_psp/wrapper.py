@@ -8,6 +8,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_psp.copying import read_values
 from keras_psp.layers import STRUCTURES, attribute, handler_of, registry, wrappable_types
 from keras_psp.penalties import (
     DEFAULT_PENALTY,
@@ -396,11 +397,13 @@ class PSP(keras.layers.Wrapper):
                   in self.plan.scales(self.effective_alpha(alpha, numpy=True)).items()}
         kernels = {id(attribute(self.layer, n)): n for n in self._handler.kernels}
         out = []
-        for variable in self.layer.weights:
-            value = np.asarray(ops.convert_to_numpy(variable))
+        for variable, value in zip(self.layer.weights, read_values(self.layer.weights),
+                                   strict=True):
             name = kernels.get(id(variable))
             if name is not None:  # kernels in float32, the α-scaled ones times α
-                value = value.astype("float32") * scales.get(name, 1)
+                value = value.astype("float32", copy=False)
+                if name in scales:
+                    value = value * scales[name]
             out.append(value)
         return out
 

@@ -38,7 +38,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_psp.copying import copy_layer
+from keras_psp.copying import copy_layer, read_values
 from keras_psp.graph import width
 
 #: The structures of a kernel: what convolutions and `Dense` support.
@@ -219,7 +219,7 @@ def op_weights(op) -> list[np.ndarray]:
     """
     if op.arrays is None:
         if op.plain_weights is None:
-            op.plain_weights = [np.asarray(w) for w in op.layer.get_weights()]
+            op.plain_weights = read_values(op.layer.weights)
         return list(op.plain_weights)
     return list(op.arrays)
 
@@ -302,7 +302,7 @@ class Passthrough(Rule):
         if not isinstance(op.layer, keras.layers.Layer):  # a keras.ops operation
             return op.layer, None
         keep = present_in[0]
-        weights = [w[..., keep] for w in op_weights(op)]
+        weights = [np.compress(keep, w, axis=-1) for w in op_weights(op)]
         return copy_layer(op.layer), weights or None
 
 

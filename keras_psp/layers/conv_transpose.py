@@ -45,12 +45,12 @@ class ConvTransposeHandler(LayerHandler):
 class ConvTransposeRule(Boundary):
     def connectivity(self, op):
         kernel = op_weights(op)[0]  # (*k, out, in)
-        return np.any(kernel != 0, axis=tuple(range(kernel.ndim - 2))).T
+        return kernel.reshape(-1, *kernel.shape[-2:]).any(axis=0).T
 
     def rebuild(self, op, present_in, present_out, bias=None):
         keep_in, keep_out = present_in[0], present_out[0]
         weights = op_weights(op)
-        weights[0] = weights[0][..., keep_out, :][..., keep_in]
+        weights[0] = np.compress(keep_in, np.compress(keep_out, weights[0], axis=-2), axis=-1)
         if op.layer.use_bias:
             weights[1] = weights[1][keep_out]
         return copy_layer(op.layer, filters=int(keep_out.sum())), weights

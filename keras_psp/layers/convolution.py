@@ -100,7 +100,7 @@ class ConvRule(Boundary):
 
     def connectivity(self, op):
         kernel = op_weights(op)[0]
-        return np.any(kernel != 0, axis=tuple(range(kernel.ndim - 2)))
+        return kernel.reshape(-1, *kernel.shape[-2:]).any(axis=0)
 
     def folds(self, layer):
         return layer.padding == "valid" or all(k == 1 for k in layer.kernel_size)
@@ -112,7 +112,7 @@ class ConvRule(Boundary):
     def rebuild(self, op, present_in, present_out, bias=None):
         keep_in, keep_out = present_in[0], present_out[0]
         weights = op_weights(op)
-        weights[0] = weights[0][..., keep_in, :][..., keep_out]
+        weights[0] = np.compress(keep_out, np.compress(keep_in, weights[0], axis=-2), axis=-1)
         if op.layer.use_bias:
             weights[1] = weights[1][keep_out]
         return self.with_bias(op, weights, keep_out, bias, filters=int(keep_out.sum()))

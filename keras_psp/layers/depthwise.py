@@ -53,7 +53,7 @@ class DepthwiseRule(Rule):
     def rebuild(self, op, present_in, present_out):
         keep = present_in[0]
         weights = op_weights(op)
-        weights[0] = weights[0][..., keep, :]
+        weights[0] = np.compress(keep, weights[0], axis=-2)
         if op.layer.use_bias:
             m = op.layer.depth_multiplier
             weights[1] = weights[1].reshape(-1, m)[keep].ravel()

@@ -53,8 +53,8 @@ class SeparableRule(Boundary):
         keep_in, keep_out = present_in[0], present_out[0]
         m = op.layer.depth_multiplier
         weights = op_weights(op)
-        weights[0] = weights[0][..., keep_in, :]
-        weights[1] = weights[1][..., np.repeat(keep_in, m), :][..., keep_out]
+        weights[0] = np.compress(keep_in, weights[0], axis=-2)
+        weights[1] = np.compress(keep_out, np.compress(np.repeat(keep_in, m), weights[1], axis=-2), axis=-1)
         if op.layer.use_bias:
             weights[2] = weights[2][keep_out]
         return copy_layer(op.layer, filters=int(keep_out.sum())), weights
