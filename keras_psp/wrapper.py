@@ -42,7 +42,9 @@ class _NumpyOps:
 
     @staticmethod
     def convert_to_tensor(x, dtype=None):
-        return np.asarray(keras.ops.convert_to_numpy(x), dtype=dtype)
+        if not isinstance(x, np.ndarray):
+            x = keras.ops.convert_to_numpy(x)
+        return np.asarray(x, dtype=dtype)
 
     @staticmethod
     def rsqrt(x):
@@ -370,9 +372,10 @@ class PSP(keras.layers.Wrapper):
         own = [v for v in (self.alpha, self.alpha_strength) if v is not None]
         return int(sum(np.prod(v.shape) for v in own))
 
-    def check_finite(self, action: str) -> None:
-        """Raises ValueError naming this layer if α is not finite."""
-        alpha = ops.convert_to_numpy(self.alpha)
+    def check_finite(self, action: str, alpha: np.ndarray | None = None) -> None:
+        """Raises ValueError naming this layer if α (or `alpha`, its values
+        read already) is not finite."""
+        alpha = read_values([self.alpha])[0] if alpha is None else alpha
         if not np.all(np.isfinite(alpha)):
             bad = int(np.size(alpha) - np.isfinite(alpha).sum())
             raise ValueError(
@@ -392,7 +395,8 @@ class PSP(keras.layers.Wrapper):
                 cut); None: the layer's α.
         """
         if alpha is None:
-            self.check_finite("fold α into the kernel")
+            alpha = read_values([self.alpha])[0]
+            self.check_finite("fold α into the kernel", alpha)
         scales = {name: np.asarray(ops.convert_to_numpy(scale), "float32") for name, scale
                   in self.plan.scales(self.effective_alpha(alpha, numpy=True)).items()}
         kernels = {id(attribute(self.layer, n)): n for n in self._handler.kernels}

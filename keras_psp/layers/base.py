@@ -150,7 +150,12 @@ def axis_plan(kernel: str, kernel_shape, axes, flat: bool = False) -> Plan:
     def reduce(values):
         return np.reshape(np.sum(values, axis=others), shape)
 
-    return Plan(kernel, shape, lambda a: ops.reshape(a, target), reduce)
+    def expand(alpha):  # numpy in, numpy out (offline folding); else keras.ops
+        if isinstance(alpha, np.ndarray):
+            return np.reshape(alpha, target)
+        return ops.reshape(alpha, target)
+
+    return Plan(kernel, shape, expand, reduce)
 
 
 class LayerHandler:
