@@ -89,23 +89,31 @@ def compare(models, repeats: int, pairs: int, against: str) -> None:
     """Times `against`'s keras_psp and this one's in turn, in fresh processes."""
     here = str(pathlib.Path(__file__).resolve().parents[1])
     roots = {"before": str(pathlib.Path(against).resolve()), "after": here}
-    runs = {label: {name: [] for name in models} for label in roots}
+    runs = {(label, kind): {name: [] for name in models}
+            for label in roots for kind in ("median", "first")}
     for pair in range(pairs):
         for label, root in roots.items():
             env = {**os.environ, "PYTHONPATH": root}
             command = [sys.executable, __file__, "--json", "--repeats", str(repeats),
                        "--models", ",".join(models)]
             result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-            for name, (seconds, _, _) in json.loads(result.stdout.splitlines()[-1]).items():
-                runs[label][name].append(seconds)
-            print(f"pair {pair + 1} {label}:",
-                  {n: round(v[-1], 2) for n, v in runs[label].items()}, flush=True)
-    rows = [(name, f"{median(runs['before'][name]):.2f}", f"{median(runs['after'][name]):.2f}",
-             f"{median(runs['after'][name]) / median(runs['before'][name]):.2f}")
-            for name in models]
+            for name, (seconds, first, _) in json.loads(result.stdout.splitlines()[-1]).items():
+                runs[label, "median"][name].append(seconds)
+                runs[label, "first"][name].append(first)
+            print(f"pair {pair + 1} {label}:", {n: (round(runs[label, "first"][n][-1], 2),
+                                                 round(v[-1], 2))
+                                             for n, v in runs[label, "median"].items()},
+                  flush=True)
+    rows = []
+    for name in models:
+        for kind in ("first", "median"):
+            before = median(runs["before", kind][name])
+            after = median(runs["after", kind][name])
+            rows.append((name, kind, f"{before:.2f}", f"{after:.2f}", f"{after / before:.2f}"))
     print_table(f"slim wall time, {pairs} interleaved pairs of processes, medians "
-                f"(before: {against})", rows, ("model", "before s", "after s", "after / before"))
-    print(f"\nafter / before, {models[0]}: {rows[0][3]}")
+                f"(before: {against})", rows,
+                ("model", "call", "before s", "after s", "after / before"))
+    print(f"\nafter / before, {models[0]} median call: {rows[1][4]}")
 
 
 def main() -> None:

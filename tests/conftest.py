@@ -32,7 +32,7 @@ JAX_SUBSET = {
     "test_cloning.py": None,  # but not _CLONING_EXCLUDED
     "test_slim_random.py": ("random_graphs",),
     "test_slim.py": ("plain_chain", "flatten", "fold", "zero_constant", "residual_branch",
-                     "zero_output", "only_path"),
+                     "zero_output", "only_path", "names_and_paths"),
     "test_callbacks.py": ("logs_in_history", "patience", "non_finite", "strength",
                           "reaches_the_target[0]", "cuts_down_to_the_schedule"),
     "test_ranking.py": ("lowest_relative", "optimizer_slots", "refuses"),

@@ -203,3 +203,23 @@ def test_wrap_warns_when_batchnorm_cancels_output_side_alpha():
         wrap(small_cnn(batchnorm=True), structure="channel")
         wrap(small_cnn(batchnorm=False), structure="filter")
     assert not [w for w in caught if "BatchNormalization normalizes" in str(w.message)]
+
+
+def test_read_values_are_read_only_snapshots():
+    """`read_values` gives each variable's value as numpy, equal to
+    `get_weights`, read-only, and unchanged by later assignments."""
+    from keras_psp.copying import read_values
+
+    layer = L.Dense(3)
+    layer.build((None, 4))
+    values = read_values(layer.weights)
+    expected = layer.get_weights()
+    for value, want in zip(values, expected, strict=True):
+        np.testing.assert_array_equal(value, want)
+        assert not value.flags.writeable
+        with pytest.raises(ValueError):
+            value[...] = 1.0
+    layer.kernel.assign(np.ones((4, 3), "float32"))
+    layer.kernel.assign_add(np.ones((4, 3), "float32"))
+    np.testing.assert_array_equal(values[0], expected[0])
+    np.testing.assert_array_equal(to_numpy(layer.kernel), np.full((4, 3), 2.0))

@@ -399,3 +399,23 @@ def test_slim_builds_layers_from_their_values_in_any_weight_order():
     np.testing.assert_array_equal(to_numpy(odd.count), values[1])
     assert all(v is not None for v in created)
     assert [id(v) for v in created] != [id(v) for v in odd.weights]  # slim then sets them
+
+
+def test_slim_weights_keep_their_keras_names_and_paths(rng):
+    """The slim model's variables are named and pathed as the model's own
+    (what saving, export and optimizers key on), whatever name TensorFlow's
+    handles get while slim builds them, and they train."""
+    model = _prune_randomly(wrap(models.cifar_resnet(depth=8, widths=(8, 8, 16), input_shape=(16, 16, 3), num_classes=3)), rng)
+    small = slim(model)
+    plain = {layer.name: layer for layer in iter_layers(model)}
+    for layer in iter_layers(small):
+        for variable in layer.weights:
+            assert variable.path == f"{layer.name}/{variable.name}"
+            own = getattr(plain[layer.name], "layer", plain[layer.name])  # PSP: wrapped layer
+            assert variable.name in {v.name for v in own.weights}
+    small.compile("sgd", "mse")
+    x = rng.normal(size=(4, 16, 16, 3)).astype("float32")
+    before = [np.array(to_numpy(v)) for v in small.trainable_weights]
+    small.fit(x, np.zeros((4, 3), "float32"), epochs=1, verbose=0)
+    after = small.trainable_weights
+    assert any(not np.array_equal(b, to_numpy(v)) for b, v in zip(before, after, strict=True))

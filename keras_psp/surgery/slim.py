@@ -307,13 +307,37 @@ def slim_graph(graph: Graph, plan: ChannelPlan, name: str) -> keras.Model:
     """The slim model of an unwrapped `graph` as `plan` says (no checks)."""
     rule_of = {id(op): rule for op, rule in zip(graph.ops, plan.rules, strict=True)}
     built = {}
-    with _cyclic_gc_paused():
+    with _cyclic_gc_paused(), _one_tf_variable_name():
         return rebuild(
             graph,
             lambda op, values: _emit(plan, rule_of[id(op)], op, values, built),
             name=name,
             live=plan.live,
         )
+
+
+@contextlib.contextmanager
+def _one_tf_variable_name():
+    """On TensorFlow, the slim model's variables share one TensorFlow-level name.
+
+    TensorFlow compiles an eager kernel for each new variable handle whose
+    (shape, name) it has not seen, about 1.5 ms each; a slim model's
+    hundreds of variables have new shapes, and without this each of a
+    BatchNormalization's four same-shaped variables (and the bias of the
+    convolution before it) would be a new name too. Keras's own variable names
+    and paths, which saving, export and users see, are unchanged.
+    """
+    if keras.backend.backend() != "tensorflow":
+        yield
+        return
+    import tensorflow as tf
+
+    def creator(next_creator, **kwargs):
+        with tf.name_scope(""):  # no layer scope in the handle's name
+            return next_creator(**{**kwargs, "name": "slim"})
+
+    with tf.variable_creator_scope(creator):
+        yield
 
 
 @contextlib.contextmanager
