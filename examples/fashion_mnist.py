@@ -71,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--stem-stride", type=int, default=2, help="stride of the first conv")
     p.add_argument("--train-limit", type=int, default=None,
                    help="use only the first N training images (quick runs)")
+    p.add_argument("--test-limit", type=int, default=None,
+                   help="evaluate on the first N test images only (quick runs; at least 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/fashion_mnist", help="output folder")
     p.add_argument("--verbose", type=int, default=1, help="Keras fit verbosity")
@@ -79,6 +81,8 @@ def parse_args(argv=None):
         p.error(f"--target must be in (0, 1], got {args.target}")
     if args.epochs < 1 or args.prune_epochs < 1:
         p.error("--epochs and --prune-epochs must be at least 1")
+    if args.test_limit is not None and args.test_limit < 256:
+        p.error("--test-limit must be at least 256 (the slim model is verified on 256 images)")
     return args
 
 
@@ -120,6 +124,8 @@ def main(argv=None) -> dict:
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist()
     if args.train_limit:
         x_train, y_train = x_train[: args.train_limit], y_train[: args.train_limit]
+    if args.test_limit:
+        x_test, y_test = x_test[: args.test_limit], y_test[: args.test_limit]
     widths = tuple(int(w) for w in args.widths.split(","))
     base = cifar_resnet(
         args.depth, widths, input_shape=(28, 28, 1), stem_stride=args.stem_stride, name="resnet"
@@ -178,13 +184,15 @@ def main(argv=None) -> dict:
     plain = keras_psp.strip(model)
     dense = base  # the unpruned reference, for the comparisons
     small = keras_psp.slim(model, check_inputs=x_test[:256])
-    difference = keras_psp.verify(plain, small, x_test[:1000])
+    checked = x_test[:1000]
+    difference = keras_psp.verify(plain, small, checked)
     slim_path = os.path.join(args.out, "slim_model.keras")
     small.save(slim_path)
     accuracy = _accuracy(small, x_test, y_test)
     print(f"pruned in {seconds:.0f} s; test accuracy: slim model {accuracy:.4f}, unpruned "
           f"reference {reference:.4f} ({100 * (accuracy - reference):+.2f} points)")
-    print(f"slim vs pruned model: max |difference| {difference:.2e} on 1000 test images")
+    print(f"slim vs pruned model: max |difference| {difference:.2e} on {len(checked)} test "
+          "images")
     exported = export_both(dense, small, x_test[:256], args.out)
     for report in exported.values():
         print(report)

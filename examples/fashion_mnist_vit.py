@@ -194,13 +194,15 @@ def main(argv=None) -> dict:
     for name, a, b in rows:
         print(f"{name:>28}{a:>12.4g}{b:>12.4g}{b / a:>8.3f}")
     plot_path = keras_psp.plot_alphas(model, os.path.join(args.out, "alphas.png"))
-    small.save(os.path.join(args.out, "slim_vit.keras"))
-    print(f"saved {args.out}/slim_vit.keras (plain Keras), {plot_path} (α histograms)")
+    slim_path = os.path.join(args.out, "slim_vit.keras")
+    small.save(slim_path)
+    print(f"saved {slim_path} (plain Keras), {plot_path} (α histograms)")
     print(f"key ratio: {flops[1] / flops[0]:.3f}× FLOPs, {slim_ms / dense_ms:.3f}× XLA and "
           f"{slim_lite / dense_lite:.3f}× LiteRT latency, {100 * (pruned - reference):+.2f} "
           "points of accuracy")
     return {"reference_accuracy": reference, "test_accuracy": pruned, "flops": flops,
             "heads": heads, "neurons": neurons, "plot_path": plot_path,
+            "slim_model": small, "slim_path": slim_path,
             "latency_ms": {"xla_b128": (dense_ms, slim_ms),
                            "litert_b1": (dense_lite, slim_lite)}}
 

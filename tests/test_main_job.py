@@ -23,7 +23,7 @@ def _load_example():
 def test_main_job_trains_saves_and_reports(tmp_path, capsys):
     job = _load_example()
     result = job.main(["--epochs", "1", "--prune-epochs", "2", "--train-limit", "1024",
-                       "--out", str(tmp_path), "--verbose", "0"])
+                       "--test-limit", "512", "--out", str(tmp_path), "--verbose", "0"])
     out = capsys.readouterr().out
     assert "unpruned reference: test accuracy" in out
     assert "epoch 1: accuracy" in out and "epoch 2: accuracy" in out
@@ -78,6 +78,7 @@ def test_main_job_flags():
     default = job.parse_args([])
     assert (default.workflow, default.target, default.regularizer, default.structure) == (
         "trained", 0.5, "relative_l1", "group")
-    for bad in (["--target", "0"], ["--target", "1.5"], ["--prune-epochs", "0"]):
+    for bad in (["--target", "0"], ["--target", "1.5"], ["--prune-epochs", "0"],
+                ["--test-limit", "100"]):
         with pytest.raises(SystemExit):
             job.parse_args(bad)
