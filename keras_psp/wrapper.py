@@ -389,8 +389,8 @@ class PSP(keras.layers.Wrapper):
 
         The list matches `self.layer.get_weights()`, so a plain copy of the
         layer takes it with `set_weights`. Cut structures are exactly zero.
-        The arrays are read-only (weights without α are views of the values,
-        not copies): copy one before changing it in place.
+        Weights that α does not scale are read-only views of the variables'
+        values, not copies: copy one before changing it in place.
 
         Args:
             alpha: α values to fold instead of the layer's own (a candidate
