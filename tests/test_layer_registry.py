@@ -148,3 +148,20 @@ def test_register_layer_refuses_what_is_not_a_class():
         keras_psp.register_layer(rule=keras_psp.layers.Fixed())
     with pytest.raises(TypeError, match="expected layer classes"):
         keras_psp.register_layer(L.Dense(2), rule=keras_psp.layers.Fixed())
+
+
+def test_kept_slices_an_axis_and_refuses_a_mask_of_another_length():
+    """`kept` is boolean indexing of one axis (through `np.compress`), and
+    like boolean indexing it refuses a mask that does not fit the axis
+    (`np.compress` alone would read a short mask as False for the rest)."""
+    from keras_psp.layers import kept
+
+    kernel = np.arange(2 * 3 * 4 * 5, dtype="float32").reshape(2, 3, 4, 5)
+    keep_in = np.array([True, False, True, True])
+    keep_out = np.array([False, True, True, False, True])
+    np.testing.assert_array_equal(kept(kept(kernel, keep_in, axis=-2), keep_out),
+                                  kernel[..., keep_in, :][..., keep_out])
+    with pytest.raises(ValueError, match="keep mask of shape"):
+        kept(kernel, keep_out[:3])
+    with pytest.raises(ValueError, match="keep mask of shape"):
+        kept(kernel, keep_in, axis=-1)

@@ -32,6 +32,7 @@ from keras_psp.layers.base import (
     Rule,
     attribute,
     axis_plan,
+    kept,
     op_weights,
 )
 from keras_psp.layers.registry import (
@@ -46,5 +47,5 @@ from keras_psp.layers.registry import (
 __all__ = [
     "KERNEL_STRUCTURES", "STRUCTURES", "Boundary", "Fixed", "copy_layer", "LayerFamily", "LayerHandler", "MacFunction",
     "Passthrough", "Plan", "Rule", "attribute", "axis_plan", "family", "handler_of", "is_registered",
-    "op_weights", "register_layer", "wrappable_types",
+    "kept", "op_weights", "register_layer", "wrappable_types",
 ]

@@ -32,6 +32,7 @@ from keras_psp.layers.base import (
     LayerHandler,
     Plan,
     axis_plan,
+    kept,
     op_weights,
 )
 from keras_psp.layers.registry import register_layer
@@ -175,7 +176,7 @@ class AttentionRule(Fixed):
         sliced = []
         for variable, value in zip(layer.weights, weights, strict=True):
             for keep, axis in cuts.get(id(variable), ()):
-                value = np.compress(keep, value, axis=axis)
+                value = kept(value, keep, axis=axis)
             if id(variable) in query and not keys.all():
                 value = (value * scale).astype(value.dtype)
             sliced.append(value)

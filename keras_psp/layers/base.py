@@ -216,6 +216,25 @@ def attribute(layer, path: str):
 # -- surgery: how channels flow, and how a layer shrinks ---------------------------
 
 
+def kept(array: np.ndarray, keep: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The entries of `array` along `axis` where the bool mask `keep` is True.
+
+    `np.compress` (3x faster than boolean indexing on a kernel's last axes),
+    but, as boolean indexing does, it refuses a mask of another length.
+
+    Example:
+
+    ```python
+    kernel = kept(kept(kernel, keep_in, axis=-2), keep_out, axis=-1)
+    ```
+    """
+    keep = np.asarray(keep, dtype=bool)
+    if keep.shape != (array.shape[axis],):
+        raise ValueError(f"keras_psp: a keep mask of shape {keep.shape} for axis {axis} of "
+                         f"an array of shape {array.shape}; this is a bug in a surgery rule.")
+    return np.compress(keep, array, axis=axis)
+
+
 def op_weights(op) -> list[np.ndarray]:
     """The weights of a call's layer as numpy arrays (a PSP layer's with α folded in).
 
@@ -307,7 +326,7 @@ class Passthrough(Rule):
         if not isinstance(op.layer, keras.layers.Layer):  # a keras.ops operation
             return op.layer, None
         keep = present_in[0]
-        weights = [np.compress(keep, w, axis=-1) for w in op_weights(op)]
+        weights = [kept(w, keep) for w in op_weights(op)]
         return copy_layer(op.layer), weights or None
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 from keras import layers as L
 from keras import ops
 from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
 
 from keras_psp.copying import copy_layer
-from keras_psp.layers.base import Boundary, LayerHandler, axis_plan, op_weights
+from keras_psp.layers.base import Boundary, LayerHandler, axis_plan, kept, op_weights
 from keras_psp.layers.convolution import spatial_split
 from keras_psp.layers.registry import register_layer
 
@@ -50,7 +49,7 @@ class ConvTransposeRule(Boundary):
     def rebuild(self, op, present_in, present_out, bias=None):
         keep_in, keep_out = present_in[0], present_out[0]
         weights = op_weights(op)
-        weights[0] = np.compress(keep_in, np.compress(keep_out, weights[0], axis=-2), axis=-1)
+        weights[0] = kept(kept(weights[0], keep_out, axis=-2), keep_in)
         if op.layer.use_bias:
             weights[1] = weights[1][keep_out]
         return copy_layer(op.layer, filters=int(keep_out.sum())), weights

@@ -9,7 +9,7 @@ from keras import layers as L
 from keras import ops
 from keras.src.layers.convolutional.base_conv import BaseConv
 
-from keras_psp.layers.base import Boundary, LayerHandler, Plan, axis_plan, op_weights
+from keras_psp.layers.base import Boundary, LayerHandler, Plan, axis_plan, kept, op_weights
 from keras_psp.layers.registry import register_layer
 
 
@@ -112,7 +112,7 @@ class ConvRule(Boundary):
     def rebuild(self, op, present_in, present_out, bias=None):
         keep_in, keep_out = present_in[0], present_out[0]
         weights = op_weights(op)
-        weights[0] = np.compress(keep_out, np.compress(keep_in, weights[0], axis=-2), axis=-1)
+        weights[0] = kept(kept(weights[0], keep_in, axis=-2), keep_out)
         if op.layer.use_bias:
             weights[1] = weights[1][keep_out]
         return self.with_bias(op, weights, keep_out, bias, filters=int(keep_out.sum()))

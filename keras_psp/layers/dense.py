@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 from keras import layers as L
 from keras import ops
 
-from keras_psp.layers.base import Boundary, LayerHandler, axis_plan, op_weights
+from keras_psp.layers.base import Boundary, LayerHandler, axis_plan, kept, op_weights
 from keras_psp.layers.registry import register_layer
 
 
@@ -41,7 +40,7 @@ class DenseRule(Boundary):
     def sliced(op, keep_in, keep_out, has_bias: bool) -> list:
         """The layer's weights: kernel `(in, out)` and bias sliced."""
         weights = op_weights(op)
-        weights[0] = np.compress(keep_out, np.compress(keep_in, weights[0], axis=0), axis=1)
+        weights[0] = kept(kept(weights[0], keep_in, axis=0), keep_out, axis=1)
         if has_bias:
             weights[1] = weights[1][keep_out]
         return weights

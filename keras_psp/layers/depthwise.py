@@ -11,7 +11,7 @@ from keras import ops
 from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
 
 from keras_psp.copying import copy_layer
-from keras_psp.layers.base import LayerHandler, Rule, axis_plan, op_weights
+from keras_psp.layers.base import LayerHandler, Rule, axis_plan, kept, op_weights
 from keras_psp.layers.convolution import conv_terms
 from keras_psp.layers.registry import register_layer
 
@@ -53,7 +53,7 @@ class DepthwiseRule(Rule):
     def rebuild(self, op, present_in, present_out):
         keep = present_in[0]
         weights = op_weights(op)
-        weights[0] = np.compress(keep, weights[0], axis=-2)
+        weights[0] = kept(weights[0], keep, axis=-2)
         if op.layer.use_bias:
             m = op.layer.depth_multiplier
             weights[1] = weights[1].reshape(-1, m)[keep].ravel()

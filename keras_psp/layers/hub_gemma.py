@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from keras_psp.copying import copy_layer
-from keras_psp.layers.base import Fixed, axis_plan, joint_plan, op_weights
+from keras_psp.layers.base import Fixed, axis_plan, joint_plan, kept, op_weights
 from keras_psp.layers.composite import SublayerScales
 from keras_psp.layers.registry import register_layer
 
@@ -97,7 +97,7 @@ class GemmaBlockRule(Fixed):
         weights = []
         for variable, value in zip(layer.weights, op_weights(op), strict=True):
             keep, axis = axes.get(id(variable), (None, 0))
-            weights.append(value if keep is None else np.compress(keep, value, axis=axis))
+            weights.append(value if keep is None else kept(value, keep, axis=axis))
         return copy_layer(layer, **self.shrunk(op)), weights
 
 

@@ -12,7 +12,7 @@ from keras import ops
 from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
 
 from keras_psp.copying import copy_layer
-from keras_psp.layers.base import Boundary, LayerHandler, axis_plan, op_weights
+from keras_psp.layers.base import Boundary, LayerHandler, axis_plan, kept, op_weights
 from keras_psp.layers.convolution import conv_terms, spatial_split
 from keras_psp.layers.registry import register_layer
 
@@ -53,8 +53,8 @@ class SeparableRule(Boundary):
         keep_in, keep_out = present_in[0], present_out[0]
         m = op.layer.depth_multiplier
         weights = op_weights(op)
-        weights[0] = np.compress(keep_in, weights[0], axis=-2)
-        weights[1] = np.compress(keep_out, np.compress(np.repeat(keep_in, m), weights[1], axis=-2), axis=-1)
+        weights[0] = kept(weights[0], keep_in, axis=-2)
+        weights[1] = kept(kept(weights[1], np.repeat(keep_in, m), axis=-2), keep_out)
         if op.layer.use_bias:
             weights[2] = weights[2][keep_out]
         return copy_layer(op.layer, filters=int(keep_out.sum())), weights
