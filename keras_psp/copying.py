@@ -180,7 +180,7 @@ def _read_tf(variable) -> np.ndarray | None:
         return None
     read = tf.raw_ops.ReadVariableOp(resource=value.handle, dtype=value.dtype)
     to_numpy = getattr(read, "_numpy", None)  # a view; `numpy()` copies
-    return to_numpy() if to_numpy is not None else read.numpy()
+    return np.asarray(to_numpy() if to_numpy is not None else read.numpy())  # 0-d: an array
 
 
 def copy_state(source: keras.layers.Layer, target: keras.layers.Layer) -> None:

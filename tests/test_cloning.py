@@ -212,14 +212,17 @@ def test_read_values_are_read_only_snapshots():
 
     layer = L.Dense(3)
     layer.build((None, 4))
-    values = read_values(layer.weights)
-    expected = layer.get_weights()
+    scalar = keras.Variable(3.0, name="scale")
+    values = read_values([*layer.weights, scalar])
+    expected = [*layer.get_weights(), np.array(3.0, "float32")]
     for value, want in zip(values, expected, strict=True):
         np.testing.assert_array_equal(value, want)
-        assert not value.flags.writeable
+        assert isinstance(value, np.ndarray) and not value.flags.writeable
         with pytest.raises(ValueError):
             value[...] = 1.0
-    layer.kernel.assign(np.ones((4, 3), "float32"))
-    layer.kernel.assign_add(np.ones((4, 3), "float32"))
+    assert values[2].shape == ()
+    layer.kernel.assign_add(np.ones((4, 3), "float32"))  # in place, as optimizers update
     np.testing.assert_array_equal(values[0], expected[0])
-    np.testing.assert_array_equal(to_numpy(layer.kernel), np.full((4, 3), 2.0))
+    layer.kernel.assign(np.ones((4, 3), "float32"))
+    np.testing.assert_array_equal(values[0], expected[0])
+    np.testing.assert_array_equal(to_numpy(layer.kernel), np.ones((4, 3)))

@@ -416,6 +416,9 @@ def test_slim_weights_keep_their_keras_names_and_paths(rng):
     small.compile("sgd", "mse")
     x = rng.normal(size=(4, 16, 16, 3)).astype("float32")
     before = [np.array(to_numpy(v)) for v in small.trainable_weights]
+    source = [np.array(to_numpy(v)) for v in model.weights]
     small.fit(x, np.zeros((4, 3), "float32"), epochs=1, verbose=0)
     after = small.trainable_weights
     assert any(not np.array_equal(b, to_numpy(v)) for b, v in zip(before, after, strict=True))
+    for was, variable in zip(source, model.weights, strict=True):  # the source is untouched
+        np.testing.assert_array_equal(was, to_numpy(variable))

@@ -228,9 +228,10 @@ def kept(array: np.ndarray, keep: np.ndarray, axis: int = -1) -> np.ndarray:
     kernel = kept(kept(kernel, keep_in, axis=-2), keep_out, axis=-1)
     ```
     """
-    keep = np.asarray(keep, dtype=bool)
-    if keep.shape != (array.shape[axis],):
-        raise ValueError(f"keras_psp: a keep mask of shape {keep.shape} for axis {axis} of "
+    keep = np.asarray(keep)
+    if keep.dtype != bool or keep.shape != (array.shape[axis],):
+        raise ValueError(f"keras_psp: a keep mask of shape {keep.shape} ({keep.dtype}; a bool "
+                         f"mask is needed) for axis {axis} of "
                          f"an array of shape {array.shape}; this is a bug in a surgery rule.")
     return np.compress(keep, array, axis=axis)
 
