@@ -162,8 +162,9 @@ def read_values(variables) -> list[np.ndarray]:
     ```
     """
     out = []
+    on_tf = keras.backend.backend() == "tensorflow"
     for variable in variables:
-        array = _read_tf(variable) if keras.backend.backend() == "tensorflow" else None
+        array = _read_tf(variable) if on_tf else None
         if array is None:
             array = np.asarray(keras.ops.convert_to_numpy(variable))
         array.flags.writeable = False

@@ -50,7 +50,10 @@ class _QueryPlan(Plan):
     """α per key dimension: one scale on the query kernel's and bias's last axis."""
 
     def scales(self, alpha) -> dict:
-        scale = ops.reshape(alpha, (-1,))
+        if isinstance(alpha, np.ndarray):  # numpy in, numpy out (offline folding)
+            scale = np.reshape(alpha, (-1,))
+        else:
+            scale = ops.reshape(alpha, (-1,))
         return {QUERY_KERNEL: scale, QUERY_BIAS: scale}
 
 
